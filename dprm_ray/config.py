@@ -1,0 +1,155 @@
+"""One config tree per job: OmegaConf structured configs built from dataclasses.
+
+A job's config is its dataclass defaults, then an optional YAML file (`--config FILE`), then
+dotted overrides (`a.b=c`, or `--a-b c` for convenience). Unknown keys, wrong types and missing
+required values raise `ConfigError` with a one-line message that names the key, before any Ray or
+model start-up.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import typing
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any, TypeVar
+
+from omegaconf import MISSING, DictConfig, OmegaConf
+from omegaconf.errors import (
+    ConfigAttributeError,
+    ConfigKeyError,
+    MissingMandatoryValue,
+    OmegaConfBaseException,
+    ValidationError,
+)
+
+T = TypeVar("T")
+
+__all__ = [
+    "MISSING",
+    "ConfigError",
+    "describe_config",
+    "load_config",
+    "normalise_overrides",
+    "to_yaml",
+]
+
+
+class ConfigError(ValueError):
+    """A config problem the user must fix; the message is one line naming the key."""
+
+
+def normalise_overrides(args: Sequence[str]) -> list[str]:
+    """Turn `--some-key value`, `--some-key=value` and `a.b=c` into dotted `key=value` strings."""
+    out: list[str] = []
+    i = 0
+    while i < len(args):
+        arg = args[i]
+        if arg.startswith("--"):
+            body = arg[2:]
+            if "=" in body:
+                key, value = body.split("=", 1)
+            elif i + 1 < len(args) and not args[i + 1].startswith("--"):
+                key, value = body, args[i + 1]
+                i += 1
+            else:
+                # A bare flag means true, like argparse's store_true.
+                key, value = body, "true"
+            out.append(f"{key.replace('-', '_')}={value}")
+        elif "=" in arg and not arg.startswith("="):
+            out.append(arg)
+        else:
+            raise ConfigError(f"cannot read argument '{arg}': expected key=value or --key value")
+        i += 1
+    return out
+
+
+def _key_of(exc: OmegaConfBaseException) -> str:
+    key = getattr(exc, "full_key", None) or getattr(exc, "key", None) or "?"
+    return str(key)
+
+
+def _one_line(exc: OmegaConfBaseException) -> str:
+    # OmegaConf messages carry a multi-line "full_key / object_type" trailer; keep the first line.
+    return str(exc).splitlines()[0].strip()
+
+
+def _merge(base: DictConfig, other: Any, source: str) -> DictConfig:
+    try:
+        return typing.cast(DictConfig, OmegaConf.merge(base, other))
+    except (ConfigKeyError, ConfigAttributeError) as exc:
+        raise ConfigError(f"{source}: unknown config key '{_key_of(exc)}'") from None
+    except ValidationError as exc:
+        raise ConfigError(f"{source}: bad value for '{_key_of(exc)}': {_one_line(exc)}") from None
+    except OmegaConfBaseException as exc:
+        raise ConfigError(f"{source}: {_one_line(exc)}") from None
+
+
+def load_config(
+    schema: type[T], config_file: str | Path | None = None, overrides: Sequence[str] = ()
+) -> T:
+    """Build the job config: dataclass defaults <- YAML file <- dotted overrides; validate."""
+    cfg = OmegaConf.structured(schema)
+    if config_file is not None:
+        path = Path(config_file)
+        if not path.is_file():
+            raise ConfigError(f"config file not found: {path}")
+        try:
+            file_cfg = OmegaConf.load(path)
+        except Exception as exc:  # YAML syntax errors come in several exception types
+            raise ConfigError(f"{path}: not valid YAML: {str(exc).splitlines()[0]}") from None
+        if not isinstance(file_cfg, DictConfig):
+            raise ConfigError(f"{path}: expected a mapping of config keys at the top level")
+        cfg = _merge(cfg, file_cfg, str(path))
+    for item in overrides:
+        key, _, value = item.partition("=")
+        if not key:
+            raise ConfigError(f"override '{item}': empty key")
+        try:
+            dotted = OmegaConf.from_dotlist([f"{key}={value}"])
+        except OmegaConfBaseException as exc:
+            raise ConfigError(f"override '{item}': {_one_line(exc)}") from None
+        cfg = _merge(cfg, dotted, f"override '{item}'")
+    missing = sorted(OmegaConf.missing_keys(cfg))
+    if missing:
+        raise ConfigError(
+            f"missing required config value '{missing[0]}' (set it with {missing[0]}=...)"
+        )
+    try:
+        OmegaConf.to_container(cfg, throw_on_missing=True)
+    except MissingMandatoryValue as exc:
+        raise ConfigError(f"missing required config value '{_key_of(exc)}'") from None
+    OmegaConf.set_readonly(cfg, True)
+    return typing.cast(T, cfg)
+
+
+def to_yaml(cfg: Any) -> str:
+    return OmegaConf.to_yaml(cfg, resolve=True)
+
+
+def _type_name(tp: Any) -> str:
+    if isinstance(tp, type):
+        return tp.__name__
+    return str(tp).replace("typing.", "")
+
+
+def describe_config(schema: type, prefix: str = "") -> list[str]:
+    """One line per leaf key: `key: type = default  # help` (help from field metadata)."""
+    lines: list[str] = []
+    hints = typing.get_type_hints(schema)
+    for field in dataclasses.fields(schema):
+        key = f"{prefix}{field.name}"
+        tp = hints[field.name]
+        if dataclasses.is_dataclass(tp):
+            lines.extend(describe_config(typing.cast(type, tp), prefix=f"{key}."))
+            continue
+        if field.default is not dataclasses.MISSING:
+            default = field.default
+        elif field.default_factory is not dataclasses.MISSING:
+            default = field.default_factory()
+        else:
+            default = MISSING
+        shown = "(required)" if default == MISSING else repr(default)
+        doc = field.metadata.get("help", "")
+        lines.append(f"  {key}: {_type_name(tp)} = {shown}" + (f"  # {doc}" if doc else ""))
+    return lines

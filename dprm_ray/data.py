@@ -1,0 +1,436 @@
+"""One data format: parquet with a schema per stage, plus JSONL input (hh-rlhf transcripts too).
+
+Readers validate every row and report `file:row: problem` (rows counted from 1; for JSONL the row is
+the line number). Writers validate before writing and are atomic: data goes to a temporary name in
+the same folder and is renamed over the final name only once complete, so a crash never leaves a
+half-written file under the final name.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import os
+import tempfile
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+SUM_TOLERANCE = 1e-4
+MAX_REPORTED_PROBLEMS = 20
+ASSISTANT_TURN = "\n\nAssistant:"
+
+
+@dataclass(frozen=True)
+class Column:
+    name: str
+    kind: str  # text | id | dist | votes | str_list | int | float
+    required: bool = True
+
+
+_ARROW_TYPES: dict[str, pa.DataType] = {
+    "text": pa.string(),
+    "id": pa.string(),
+    "dist": pa.list_(pa.float64()),
+    "votes": pa.list_(pa.int32()),
+    "str_list": pa.list_(pa.string()),
+    "int": pa.int64(),
+    "float": pa.float64(),
+}
+
+SCHEMAS: dict[str, tuple[Column, ...]] = {
+    "prompts": (
+        Column("prompt", "text"),
+        Column("prompt_id", "id", required=False),
+        Column("category", "id", required=False),
+    ),
+    "rollouts": (
+        Column("prompt", "text"),
+        Column("response", "text"),
+        Column("prompt_id", "id", required=False),
+        Column("policy", "id", required=False),
+        Column("step", "int", required=False),
+    ),
+    "annotations": (
+        Column("prompt", "text"),
+        Column("response", "text"),
+        Column("prior", "dist"),
+        Column("votes", "votes"),
+        Column("posterior", "dist"),
+        Column("target", "dist"),
+        Column("persona_ids", "str_list", required=False),
+        Column("population", "dist", required=False),
+        Column("row_key", "id", required=False),
+        Column("judge", "id", required=False),
+        Column("group", "id", required=False),
+        Column("label_space", "id", required=False),
+    ),
+    "pairs": (
+        Column("prompt", "text"),
+        Column("chosen", "text"),
+        Column("rejected", "text"),
+        Column("user_id", "id", required=False),
+    ),
+}
+
+
+class DataError(ValueError):
+    """Invalid input data; `problems` lists every `file:row: problem` found."""
+
+    def __init__(self, problems: Sequence[str]):
+        self.problems = list(problems)
+        shown = self.problems[:MAX_REPORTED_PROBLEMS]
+        more = len(self.problems) - len(shown)
+        text = "\n".join(shown) + (f"\n... and {more} more problems" if more > 0 else "")
+        super().__init__(text)
+
+
+def arrow_schema(kind: str, columns: Iterable[str] | None = None) -> pa.Schema:
+    """The arrow schema of a stage, restricted to `columns` (default: the required ones)."""
+    cols = _schema(kind)
+    wanted = set(columns) if columns is not None else {c.name for c in cols if c.required}
+    return pa.schema([(c.name, _ARROW_TYPES[c.kind]) for c in cols if c.name in wanted])
+
+
+def _schema(kind: str) -> tuple[Column, ...]:
+    if kind not in SCHEMAS:
+        raise ValueError(f"unknown data kind '{kind}' (known: {', '.join(SCHEMAS)})")
+    return SCHEMAS[kind]
+
+
+def detect_kind(columns: Iterable[str]) -> str:
+    names = set(columns)
+    if names & {"prior", "posterior", "target", "votes"}:
+        return "annotations"
+    if names & {"chosen", "rejected"}:
+        return "pairs"
+    if "response" in names:
+        return "rollouts"
+    if "prompt" in names:
+        return "prompts"
+    raise ValueError(f"cannot tell the data kind from columns {sorted(names)}")
+
+
+# --------------------------------------------------------------------------- row validation
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool)
+
+
+def _check_value(col: Column, value: Any, num_labels: int | None) -> str | None:
+    """The problem with one cell, or None."""
+    name = col.name
+    if col.kind in ("text", "id"):
+        if not isinstance(value, str):
+            return f"'{name}' must be a string, got {type(value).__name__}"
+        if not value.strip():
+            return f"empty text in '{name}'"
+        return None
+    if col.kind == "int":
+        return (
+            None
+            if isinstance(value, int) and not isinstance(value, bool)
+            else (f"'{name}' must be an integer, got {type(value).__name__}")
+        )
+    if col.kind == "float":
+        if not _is_number(value) or math.isnan(value):
+            return f"'{name}' must be a number, got {value!r}"
+        return None
+    if not isinstance(value, list | tuple):
+        return f"'{name}' must be a list, got {type(value).__name__}"
+    if col.kind == "str_list":
+        bad = [v for v in value if not isinstance(v, str) or not v.strip()]
+        return f"'{name}' must hold non-empty strings" if bad else None
+    if col.kind == "votes":
+        for v in value:
+            if not isinstance(v, int) or isinstance(v, bool):
+                return f"'{name}' must hold integer label indices, got {v!r}"
+            if num_labels is not None and not 0 <= v < num_labels:
+                return f"'{name}' has label index {v} outside 0..{num_labels - 1}"
+        return None
+    # dist: a probability distribution over the label space
+    if num_labels is not None and len(value) != num_labels:
+        return f"'{name}' has {len(value)} values, expected {num_labels} (one per label)"
+    for v in value:
+        if not _is_number(v):
+            return f"'{name}' must hold numbers, got {v!r}"
+        if math.isnan(v):
+            return f"'{name}' contains NaN"
+        if v < 0:
+            return f"'{name}' has a negative probability {v}"
+    total = math.fsum(value)
+    if abs(total - 1.0) > SUM_TOLERANCE:
+        return f"'{name}' sums to {total:.6g}, not 1 (tolerance {SUM_TOLERANCE})"
+    return None
+
+
+def _infer_num_labels(cols: Sequence[Column], row: dict[str, Any]) -> int | None:
+    for col in cols:
+        value = row.get(col.name)
+        if col.kind == "dist" and isinstance(value, list | tuple) and value:
+            return len(value)
+    return None
+
+
+def validate_rows(
+    rows: Iterable[dict[str, Any] | None],
+    kind: str,
+    source: str,
+    num_labels: int | None = None,
+    first_row: int = 1,
+) -> list[str]:
+    """All problems of `rows` as `source:row: problem` strings (empty list: valid).
+
+    A None row is one that did not parse; its problem was reported already.
+    """
+    cols = _schema(kind)
+    known = {c.name for c in cols}
+    problems: list[str] = []
+    for i, row in enumerate(rows, start=first_row):
+        if row is None:
+            continue
+        where = f"{source}:{i}"
+        for extra in sorted(set(row) - known):
+            problems.append(f"{where}: unexpected column '{extra}' (allowed: {', '.join(known)})")
+        if num_labels is None:
+            num_labels = _infer_num_labels(cols, row)
+        for col in cols:
+            value = row.get(col.name)
+            if value is None:
+                if col.required:
+                    problems.append(f"{where}: missing column '{col.name}'")
+                continue
+            problem = _check_value(col, value, num_labels)
+            if problem:
+                problems.append(f"{where}: {problem}")
+        ids, votes = row.get("persona_ids"), row.get("votes")
+        if (
+            isinstance(ids, list | tuple)
+            and isinstance(votes, list | tuple)
+            and len(ids) != len(votes)
+        ):
+            problems.append(f"{where}: {len(votes)} votes but {len(ids)} persona_ids")
+    return problems
+
+
+# --------------------------------------------------------------------------- readers
+
+
+def split_transcripts(chosen: str, rejected: str) -> tuple[str, str, str] | None:
+    """Split two hh-rlhf transcripts that differ in the last assistant turn.
+
+    Returns (prompt, chosen_response, rejected_response) where the prompt is the shared transcript
+    up to and including the last shared "\\n\\nAssistant:", or None if there is no such turn.
+    """
+    common = os.path.commonprefix([chosen, rejected])
+    cut = common.rfind(ASSISTANT_TURN)
+    if cut < 0:
+        return None
+    end = cut + len(ASSISTANT_TURN)
+    return chosen[:end], chosen[end:].strip(), rejected[end:].strip()
+
+
+def _read_jsonl(path: Path) -> tuple[list[dict[str, Any] | None], list[str]]:
+    """Rows in line order; a line that is not a JSON object is reported and kept as None."""
+    rows: list[dict[str, Any] | None] = []
+    problems: list[str] = []
+    with path.open(encoding="utf-8") as f:
+        for line_no, line in enumerate(f, start=1):
+            if not line.strip():
+                problems.append(f"{path}:{line_no}: empty line")
+                rows.append(None)
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as exc:
+                problems.append(f"{path}:{line_no}: bad JSON: {exc.msg} (column {exc.colno})")
+                rows.append(None)
+                continue
+            if not isinstance(row, dict):
+                problems.append(
+                    f"{path}:{line_no}: expected a JSON object, got {type(row).__name__}"
+                )
+                row = None
+            rows.append(row)
+    return rows, problems
+
+
+def _hh_rlhf_to_pairs(rows: list[dict[str, Any] | None], source: str) -> list[str]:
+    """In place: rows with chosen/rejected transcripts and no prompt get a split prompt.
+
+    A row that cannot be split is reported and replaced by None (nothing more to check in it).
+    """
+    problems: list[str] = []
+    for i, row in enumerate(rows, start=1):
+        if row is None or "prompt" in row or not {"chosen", "rejected"} <= set(row):
+            continue
+        if not isinstance(row["chosen"], str) or not isinstance(row["rejected"], str):
+            continue  # the type check reports it
+        split = split_transcripts(row["chosen"], row["rejected"])
+        if split is None:
+            problems.append(
+                f"{source}:{i}: no prompt column, and chosen/rejected share no '\\n\\nAssistant:' "
+                "turn to split a prompt from"
+            )
+            rows[i - 1] = None
+            continue
+        row["prompt"], row["chosen"], row["rejected"] = split
+    return problems
+
+
+def _arrow_type_problems(table: pa.Table, kind: str, source: str) -> list[str]:
+    """Column-level problems of a parquet table, reported at its first row."""
+    cols = {c.name: c for c in _schema(kind)}
+    problems = []
+    for field in table.schema:
+        col = cols.get(field.name)
+        if col is None:
+            continue  # the row checks report unexpected columns
+        expected = _ARROW_TYPES[col.kind]
+        ok = (
+            field.type == expected
+            or (col.kind == "votes" and field.type in (pa.list_(pa.int64()), pa.list_(pa.int16())))
+            or (col.kind == "dist" and field.type == pa.list_(pa.float32()))
+        )
+        ok = ok or (col.kind in ("text", "id") and field.type == pa.large_string())
+        ok = ok or (col.kind == "int" and pa.types.is_integer(field.type))
+        if not ok:
+            problems.append(
+                f"{source}:1: column '{field.name}' has type {field.type}, expected {expected}"
+            )
+    return problems
+
+
+@dataclass
+class Loaded:
+    kind: str
+    rows: list[dict[str, Any]]
+    skipped: list[str]  # problems of the rows left out (only with skip_invalid=True)
+
+
+def load_rows(
+    path: str | Path,
+    kind: str | None = None,
+    num_labels: int | None = None,
+    skip_invalid: bool = False,
+) -> Loaded:
+    """Read and validate a parquet or JSONL file.
+
+    Raises DataError listing every `file:row: problem`, unless `skip_invalid`: then bad rows are
+    left out and their problems returned in `Loaded.skipped` (file-level problems still raise).
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise DataError([f"{path}: no such file"])
+    row_problems: list[str] = []
+    if path.suffix in (".jsonl", ".json"):
+        rows, row_problems = _read_jsonl(path)
+        if kind is None:
+            kind = detect_kind({k for row in rows[:100] if row for k in row})
+        if kind == "pairs":
+            row_problems += _hh_rlhf_to_pairs(rows, str(path))
+    elif path.suffix == ".parquet":
+        try:
+            table = pq.read_table(path)
+        except (pa.ArrowInvalid, OSError) as exc:
+            raise DataError([f"{path}: not a readable parquet file: {exc}"]) from None
+        kind = kind or detect_kind(table.column_names)
+        type_problems = _arrow_type_problems(table, kind, str(path))
+        if type_problems:
+            raise DataError(type_problems)
+        # Absent optional values come back as None; drop them so the row checks see "missing".
+        rows = [{k: v for k, v in row.items() if v is not None} for row in table.to_pylist()]
+    else:
+        raise DataError([f"{path}: unsupported file type '{path.suffix}' (use .parquet or .jsonl)"])
+    if not rows:
+        raise DataError([f"{path}: no rows"])
+    row_problems += validate_rows(rows, kind, str(path), num_labels)
+    if row_problems and not skip_invalid:
+        raise DataError(row_problems)
+    prefix = f"{path}:"
+    bad = {int(p[len(prefix) :].split(":", 1)[0]) for p in row_problems}
+    good = [row for i, row in enumerate(rows, start=1) if i not in bad and row is not None]
+    if not good:
+        raise DataError(row_problems or [f"{path}: no valid rows"])
+    return Loaded(kind=kind, rows=good, skipped=row_problems)
+
+
+def read_table(
+    path: str | Path,
+    kind: str | None = None,
+    num_labels: int | None = None,
+    skip_invalid: bool = False,
+) -> pa.Table:
+    loaded = load_rows(path, kind, num_labels, skip_invalid)
+    return rows_to_table(loaded.rows, loaded.kind)
+
+
+def rows_to_table(rows: Sequence[dict[str, Any]], kind: str) -> pa.Table:
+    present = {k for row in rows for k in row}
+    schema = arrow_schema(kind, columns=[c.name for c in _schema(kind) if c.name in present])
+    return pa.Table.from_pylist(list(rows), schema=schema)
+
+
+# --------------------------------------------------------------------------- atomic writers
+
+
+@contextlib.contextmanager
+def atomic_path(path: str | Path) -> Iterator[Path]:
+    """Yield a temporary path beside `path`; rename it to `path` only if the block succeeds."""
+    final = Path(path)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp_name = tempfile.mkstemp(prefix=f".{final.name}.", suffix=".tmp", dir=final.parent)
+    os.close(fd)
+    tmp = Path(tmp_name)
+    try:
+        yield tmp
+        with open(tmp, "rb") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, final)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def write_text(path: str | Path, text: str) -> None:
+    with atomic_path(path) as tmp:
+        tmp.write_text(text, encoding="utf-8")
+
+
+def write_batches(
+    path: str | Path,
+    batches: Iterable[Sequence[dict[str, Any]]],
+    kind: str,
+    num_labels: int | None = None,
+) -> int:
+    """Validate and write row batches to one parquet file atomically; returns the row count."""
+    writer: pq.ParquetWriter | None = None
+    written = 0
+    with atomic_path(path) as tmp:
+        try:
+            for batch in batches:
+                problems = validate_rows(batch, kind, str(path), num_labels, first_row=written + 1)
+                if problems:
+                    raise DataError(problems)
+                table = rows_to_table(batch, kind)
+                if writer is None:
+                    writer = pq.ParquetWriter(tmp, table.schema)
+                writer.write_table(table.cast(writer.schema))
+                written += len(batch)
+            if writer is None:
+                raise DataError([f"{path}: nothing to write (no rows)"])
+        finally:
+            if writer is not None:
+                writer.close()
+    return written
+
+
+def write_rows(
+    path: str | Path, rows: Sequence[dict[str, Any]], kind: str, num_labels: int | None = None
+) -> int:
+    return write_batches(path, [rows], kind, num_labels)

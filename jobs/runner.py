@@ -1,0 +1,160 @@
+"""What every job shares: argument parsing, config loading, config.yaml / metrics.json, exit codes.
+
+A job is a list of commands (its main action and sub-actions such as `data validate`), each with a
+config dataclass and a `run(cfg) -> metrics` function. Exit codes: 0 done, 1 failed on bad input
+(the message names the file/row or model), 2 bad config or arguments, 3 not built yet.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from dprm_ray.config import ConfigError, describe_config, load_config, normalise_overrides, to_yaml
+
+EXIT_OK, EXIT_FAILED, EXIT_CONFIG, EXIT_NOT_BUILT = 0, 1, 2, 3
+
+
+@dataclass(frozen=True)
+class Command:
+    name: str  # sub-action name; "" for the job's main action
+    help: str
+    schema: type | None = None
+    run: Callable[[Any], dict[str, Any] | None] | None = None  # None: not built yet
+    positionals: tuple[str, ...] = ()  # config keys filled by positional arguments, in order
+    not_built: str = ""  # what is missing and where it is tracked, for commands without run
+
+
+@dataclass(frozen=True)
+class Job:
+    name: str  # as typed on the command line, e.g. train-reward
+    help: str
+    commands: tuple[Command, ...]
+
+    @property
+    def module(self) -> str:
+        return "jobs." + self.name.replace("-", "_")
+
+
+def _usage(job: Job, command: Command) -> str:
+    action = f" {command.name}" if command.name else ""
+    pos = "".join(f" {p.upper()}" for p in command.positionals)
+    lines = [
+        f"usage: dprm-ray {job.name}{action}{pos} [--config FILE] [key=value ...] [--key value ...]",
+        f"       (or: python -m {job.module}{action} ...)",
+        "",
+        command.help or job.help,
+    ]
+    others = [c for c in job.commands if c is not command]
+    if not command.name and others:
+        lines += ["", "sub-commands:"]
+        lines += [f"  {c.name:<16} {c.help.splitlines()[0]}" for c in others if c.name]
+    if command.schema is not None:
+        lines += [
+            "",
+            "config keys (set with key=value or --key value; nested keys with a.b=value):",
+            *describe_config(command.schema),
+            "",
+            "--config FILE     a YAML file of config values (applied before the overrides)",
+            "--print-config    print the resolved config as YAML and exit",
+        ]
+    if command.run is None:
+        lines += ["", f"NOT BUILT YET: {command.not_built}"]
+    return "\n".join(lines)
+
+
+def _split_args(
+    args: Sequence[str], command: Command
+) -> tuple[str | None, list[str], list[str], bool]:
+    """(config file, positionals, override args, print_config) from the raw arguments."""
+    config_file: str | None = None
+    positionals: list[str] = []
+    rest: list[str] = []
+    print_config = False
+    i = 0
+    while i < len(args):
+        arg = args[i]
+        if arg == "--config":
+            if i + 1 >= len(args):
+                raise ConfigError("--config needs a file name")
+            config_file, i = args[i + 1], i + 2
+            continue
+        if arg.startswith("--config="):
+            config_file = arg.split("=", 1)[1]
+        elif arg == "--print-config":
+            print_config = True
+        elif arg.startswith("--"):
+            rest.append(arg)
+            if "=" not in arg and i + 1 < len(args) and not args[i + 1].startswith("--"):
+                rest.append(args[i + 1])
+                i += 1
+        elif "=" in arg:
+            rest.append(arg)
+        else:
+            positionals.append(arg)
+        i += 1
+    if len(positionals) > len(command.positionals):
+        extra = positionals[len(command.positionals)]
+        raise ConfigError(f"unexpected argument '{extra}' (overrides look like key=value)")
+    return config_file, positionals, rest, print_config
+
+
+def run_job(job: Job, argv: Sequence[str] | None = None) -> int:
+    args = list(sys.argv[1:] if argv is None else argv)
+    by_name = {c.name: c for c in job.commands}
+    if args and args[0] and args[0] in by_name:
+        command = by_name[args.pop(0)]
+    elif "" in by_name:
+        command = by_name[""]
+    else:  # a job made only of sub-commands, e.g. `dprm-ray data validate`
+        subs = ", ".join(by_name)
+        if any(a in ("-h", "--help") for a in args):
+            print(f"usage: dprm-ray {job.name} SUB-COMMAND ...\n\n{job.help}\n\nsub-commands:")
+            print("\n".join(f"  {c.name:<16} {c.help.splitlines()[0]}" for c in job.commands))
+            return EXIT_OK
+        got = f"unknown sub-command '{args[0]}'" if args else "missing sub-command"
+        print(f"dprm-ray {job.name}: {got} (choose one of: {subs})", file=sys.stderr)
+        return EXIT_CONFIG
+    prog = f"dprm-ray {job.name}" + (f" {command.name}" if command.name else "")
+    if any(a in ("-h", "--help") for a in args):
+        print(_usage(job, command))
+        return EXIT_OK
+    if command.run is None or command.schema is None:
+        print(f"{prog}: not built yet: {command.not_built}", file=sys.stderr)
+        return EXIT_NOT_BUILT
+    try:
+        config_file, positionals, rest, print_config = _split_args(args, command)
+        overrides = [f"{k}={v}" for k, v in zip(command.positionals, positionals, strict=False)]
+        cfg = load_config(command.schema, config_file, overrides + normalise_overrides(rest))
+    except ConfigError as exc:
+        print(f"{prog}: config error: {exc}", file=sys.stderr)
+        return EXIT_CONFIG
+    if print_config:
+        print(to_yaml(cfg), end="")
+        return EXIT_OK
+
+    # Imported here so that config errors come back before torch/pyarrow start up.
+    from dprm_ray.data import DataError, write_text
+    from dprm_ray.models import ModelError
+
+    output_dir = Path(cfg.output_dir)
+    write_text(output_dir / "config.yaml", to_yaml(cfg))
+    start = time.perf_counter()
+    try:
+        metrics = command.run(cfg) or {}
+    except (DataError, ModelError, FileNotFoundError) as exc:
+        print(f"{prog}: {exc}", file=sys.stderr)
+        return EXIT_FAILED
+    metrics = {**metrics, "wall_time_s": round(time.perf_counter() - start, 3)}
+    write_text(output_dir / "metrics.json", json.dumps(metrics, indent=2, sort_keys=True) + "\n")
+    print(f"{prog}: done in {metrics['wall_time_s']:.1f} s; wrote {output_dir}/metrics.json")
+    return EXIT_OK
+
+
+def not_built_job(name: str, help_text: str, tracked_in: str) -> Job:
+    return Job(name, help_text, (Command("", help_text, not_built=tracked_in),))

@@ -1,0 +1,44 @@
+"""Shared test set-up: offline hub, offline W&B, DeepSpeed on CPU; paths to the shared data."""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+for key, value in {
+    "HF_HUB_OFFLINE": "1",
+    "WANDB_MODE": "offline",
+    "DS_ACCELERATOR": "cpu",
+    "TOKENIZERS_PARALLELISM": "false",
+}.items():
+    os.environ.setdefault(key, value)
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED_DATA = REPO.parent / "shared" / "data"
+HH_RLHF = SHARED_DATA / "hh-rlhf" / "harmless-base-dev.jsonl"
+PERSONA_DIR = SHARED_DATA / "persona"
+
+
+def run_cli(
+    *args: str, cwd: Path | None = None, timeout: float = 600
+) -> subprocess.CompletedProcess:
+    """Run `python -m jobs.cli ARGS` as a user would, capturing output."""
+    return subprocess.run(
+        [sys.executable, "-m", "jobs.cli", *args],
+        cwd=cwd or REPO,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+
+
+@pytest.fixture(scope="session")
+def ray_local():
+    """A real local Ray cluster for the tests that need one (shut down at the end)."""
+    import ray
+
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, ignore_reinit_error=True)
+    yield ray
+    ray.shutdown()
