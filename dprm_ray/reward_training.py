@@ -1,0 +1,542 @@
+"""Reward-model training: data, the per-worker training loop, scoring.
+
+The loop runs on every data-parallel worker (Ray Train's TorchTrainer starts them and the
+torch.distributed group; `ensure_process_group` makes a one-process group for in-process use). The
+model is wrapped in a DeepSpeed engine (ZeRO stage from config, gloo on CPU). Resume is exact: the
+batch of step s is a pure function of (seed, s), dropout is re-seeded per step, and DeepSpeed
+checkpoints in `<output_dir>/checkpoints` hold model, optimizer and step, so a killed run resumed
+from its last checkpoint ends with the same weights and metrics as an uninterrupted run.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import socket
+from collections import defaultdict
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from dprm_ray.config import MISSING
+from dprm_ray.labels import LabelSpace, get_label_space
+
+LOSSES = ("ce", "w1", "ot", "ot_general", "bt")
+
+
+# --------------------------------------------------------------------------- config
+
+
+@dataclass
+class LossConfig:
+    kind: str = field(default="ot", metadata={"help": "ce, w1, ot, ot_general or bt"})
+    mix: float = field(default=0.0, metadata={"help": "weight of CE added to an OT loss"})
+    cost_metric: str = field(
+        default="grid", metadata={"help": "ot_general ground metric: index, score or grid"}
+    )
+    method: str = field(default="emd", metadata={"help": "ot_general solver: emd or sinkhorn"})
+    reg: float = field(default=0.05, metadata={"help": "Sinkhorn entropic regularisation"})
+
+
+@dataclass
+class TargetConfig:
+    kappa: float | None = field(
+        default=None,
+        metadata={"help": "recompute posteriors with this prior strength (None: use the file's)"},
+    )
+    eps: float | None = field(
+        default=None,
+        metadata={"help": "label smoothing of unanimous targets (None: use the file's targets)"},
+    )
+
+
+@dataclass
+class BackboneConfig:
+    spec: str = field(default="minilm", metadata={"help": "model spec the loader takes"})
+    kind: str = field(default="encoder", metadata={"help": "encoder or causal-lm"})
+    freeze: bool = field(default=True, metadata={"help": "train only the head"})
+    cache_embeddings: bool = field(
+        default=True, metadata={"help": "frozen encoders: embed once, cache on disk"}
+    )
+    max_length: int = 256
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 1e-3
+    weight_decay: float = 0.0
+    batch_size: int = field(default=32, metadata={"help": "per worker"})
+    epochs: int = 3
+    max_steps: int = field(default=0, metadata={"help": "stop after this many steps (0: epochs)"})
+    grad_clip: float = 1.0
+
+
+@dataclass
+class ScaleConfig:
+    num_workers: int = 2
+    use_gpu: bool = False
+    cpus_per_worker: float = 1.0
+    zero_stage: int = field(default=2, metadata={"help": "DeepSpeed ZeRO stage 0-3"})
+    max_failures: int = field(default=1, metadata={"help": "Ray Train worker-group restarts"})
+    address: str = field(default="", metadata={"help": "Ray address ('' = local or job's)"})
+
+
+@dataclass
+class WandbConfig:
+    mode: str = field(default="offline", metadata={"help": "offline, online or disabled"})
+    project: str = "dprm-ray"
+
+
+@dataclass
+class TrainRewardConfig:
+    data: str = field(default=MISSING, metadata={"help": "annotations or pairs (.parquet/.jsonl)"})
+    eval_data: str = field(default="", metadata={"help": "held-out file ('' = split off data)"})
+    val_fraction: float = 0.1
+    label_space: Any = field(
+        default="hh6", metadata={"help": "hh6, likert5, or a mapping {name, labels, scores}"}
+    )
+    skip_invalid_rows: bool = False
+    loss: LossConfig = field(default_factory=LossConfig)
+    targets: TargetConfig = field(default_factory=TargetConfig)
+    backbone: BackboneConfig = field(default_factory=BackboneConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    scale: ScaleConfig = field(default_factory=ScaleConfig)
+    seed: int = 0
+    checkpoint_every: int = field(default=50, metadata={"help": "steps between checkpoints"})
+    resume: bool = field(default=True, metadata={"help": "continue from the latest checkpoint"})
+    log_every: int = 10
+    wandb: WandbConfig = field(default_factory=WandbConfig)
+    output_dir: str = "outputs/train-reward"
+
+
+# --------------------------------------------------------------------------- data
+
+
+@dataclass
+class RewardData:
+    """Distributional examples (targets) and/or preference pairs, as texts."""
+
+    prompts: list[str]
+    responses: list[str]
+    targets: np.ndarray | None = None  # [N, K]
+    population: np.ndarray | None = None  # [N, K] ground truth, when known
+    groups: list[str] | None = None
+    pairs: np.ndarray | None = None  # [M, 2] indices into the rows: (chosen, rejected)
+
+
+def _smoothed_targets(rows: list[dict], space: LabelSpace, targets: TargetConfig) -> np.ndarray:
+    from dprm_ray.crowd import dirichlet_posterior, smooth_target, vote_counts
+
+    if targets.kappa is None and targets.eps is None:
+        return np.array([r["target"] for r in rows], dtype=np.float64)
+    prior = np.array([r["prior"] for r in rows], dtype=np.float64)
+    if targets.kappa is not None:
+        counts = np.stack([vote_counts(r["votes"], space.num_labels) for r in rows])
+        posterior = dirichlet_posterior(prior, counts, targets.kappa)
+    else:
+        posterior = np.array([r["posterior"] for r in rows], dtype=np.float64)
+    if targets.eps is None:
+        return posterior
+    return smooth_target(posterior, targets.eps, prior=prior)
+
+
+def pairs_from_targets(prompts: list[str], targets: np.ndarray, space: LabelSpace) -> np.ndarray:
+    """(chosen, rejected) index pairs: responses to the same prompt ordered by expected score."""
+    expected = targets @ space.scores_array()
+    by_prompt: dict[str, list[int]] = defaultdict(list)
+    for i, p in enumerate(prompts):
+        by_prompt[p].append(i)
+    pairs = []
+    for idx in by_prompt.values():
+        for a in range(len(idx)):
+            for b in range(a + 1, len(idx)):
+                i, j = idx[a], idx[b]
+                if abs(expected[i] - expected[j]) > 1e-9:
+                    pairs.append((i, j) if expected[i] > expected[j] else (j, i))
+    return np.array(pairs, dtype=np.int64).reshape(-1, 2)
+
+
+def load_reward_data(
+    path: str, space: LabelSpace, targets: TargetConfig, skip_invalid: bool = False
+) -> RewardData:
+    """Annotations give targets (and pairs between responses to one prompt); pairs give pairs."""
+    from dprm_ray.data import load_rows
+
+    loaded = load_rows(path, num_labels=space.num_labels, skip_invalid=skip_invalid)
+    rows = loaded.rows
+    if loaded.skipped:
+        print(f"{path}: skipped {len(loaded.skipped)} invalid rows, first: {loaded.skipped[0]}")
+    if loaded.kind == "annotations":
+        prompts = [r["prompt"] for r in rows]
+        target = _smoothed_targets(rows, space, targets)
+        population = (
+            np.array([r["population"] for r in rows])
+            if all("population" in r for r in rows)
+            else None
+        )
+        groups = [r["group"] for r in rows] if all("group" in r for r in rows) else None
+        return RewardData(
+            prompts,
+            [r["response"] for r in rows],
+            target,
+            population,
+            groups,
+            pairs_from_targets(prompts, target, space),
+        )
+    if loaded.kind == "pairs":
+        prompts = [r["prompt"] for r in rows for _ in (0, 1)]
+        responses = [text for r in rows for text in (r["chosen"], r["rejected"])]
+        pairs = np.arange(2 * len(rows), dtype=np.int64).reshape(-1, 2)
+        return RewardData(prompts, responses, pairs=pairs)
+    raise ValueError(f"{path}: holds {loaded.kind}; reward training needs annotations or pairs")
+
+
+def subset(data: RewardData, rows: np.ndarray) -> RewardData:
+    """The rows `rows` (sorted) and the pairs whose both ends are among them, re-indexed."""
+    rows = np.sort(rows)
+    remap = -np.ones(len(data.prompts), dtype=np.int64)
+    remap[rows] = np.arange(len(rows))
+
+    def pick(a: np.ndarray | None) -> np.ndarray | None:
+        return None if a is None else a[rows]
+
+    pairs = None
+    if data.pairs is not None:
+        mapped = remap[data.pairs]
+        pairs = mapped[(mapped >= 0).all(axis=1)]
+    return RewardData(
+        [data.prompts[i] for i in rows],
+        [data.responses[i] for i in rows],
+        pick(data.targets),
+        pick(data.population),
+        None if data.groups is None else [data.groups[i] for i in rows],
+        pairs,
+    )
+
+
+def split_by_prompt(data: RewardData, fraction: float, seed: int) -> tuple[RewardData, RewardData]:
+    """Hold out `fraction` of the prompts (all their responses), deterministically."""
+    prompts = sorted(set(data.prompts))
+    rng = np.random.default_rng(seed)
+    held = set(rng.permutation(len(prompts))[: max(1, round(fraction * len(prompts)))].tolist())
+    held_prompts = {prompts[i] for i in held}
+    is_held = np.array([p in held_prompts for p in data.prompts])
+    return subset(data, np.flatnonzero(~is_held)), subset(data, np.flatnonzero(is_held))
+
+
+# --------------------------------------------------------------------------- distributed helpers
+
+
+def ensure_process_group() -> tuple[int, int]:
+    """(rank, world): join the existing torch.distributed group or start a one-process one."""
+    import torch.distributed as dist
+
+    if not dist.is_initialized():
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+        os.environ.setdefault("MASTER_PORT", str(port))
+        os.environ.setdefault("RANK", "0")
+        os.environ.setdefault("LOCAL_RANK", "0")
+        os.environ.setdefault("WORLD_SIZE", "1")
+        dist.init_process_group("gloo", rank=0, world_size=1)
+    return dist.get_rank(), dist.get_world_size()
+
+
+def _gather(obj: Any) -> list[Any]:
+    import torch.distributed as dist
+
+    out: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(out, obj)
+    return out
+
+
+def step_rows(n: int, global_batch: int, seed: int, step: int) -> np.ndarray:
+    """The example indices of global step `step`: epoch-wise permutations, last partial dropped."""
+    per_epoch = n // global_batch
+    epoch, offset = divmod(step, per_epoch)
+    perm = np.random.default_rng([seed, epoch]).permutation(n)
+    return perm[offset * global_batch : (offset + 1) * global_batch]
+
+
+# --------------------------------------------------------------------------- scoring
+
+
+def model_inputs(
+    tokenizer: Any,
+    data: RewardData,
+    rows: np.ndarray,
+    embeddings: torch.Tensor | None,
+    max_length: int,
+) -> dict[str, torch.Tensor]:
+    from dprm_ray.reward_models import tokenize_pairs
+
+    if embeddings is not None:
+        return {"embeddings": embeddings[torch.as_tensor(rows)]}
+    enc = tokenize_pairs(
+        tokenizer, [data.prompts[i] for i in rows], [data.responses[i] for i in rows], max_length
+    )
+    return {"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"]}
+
+
+def predict(
+    model: Any,
+    tokenizer: Any,
+    data: RewardData,
+    embeddings: torch.Tensor | None = None,
+    max_length: int = 256,
+    batch_size: int = 64,
+    rows: np.ndarray | None = None,
+) -> dict[str, np.ndarray]:
+    """Expected reward, variance and (distributional models) probabilities for `rows`."""
+    rows = np.arange(len(data.prompts)) if rows is None else rows
+    out: dict[str, list[np.ndarray]] = defaultdict(list)
+    with torch.no_grad():
+        for start in range(0, len(rows), batch_size):
+            chunk = rows[start : start + batch_size]
+            pred = model.predict(**model_inputs(tokenizer, data, chunk, embeddings, max_length))
+            out["expected"].append(pred.expected.cpu().numpy())
+            out["variance"].append(pred.variance.cpu().numpy())
+            if pred.probs is not None:
+                out["probs"].append(pred.probs.cpu().numpy())
+    return {k: np.concatenate(v) for k, v in out.items()}
+
+
+def evaluate(
+    pred: dict[str, np.ndarray], data: RewardData, space: LabelSpace | None
+) -> dict[str, float]:
+    from dprm_ray.reward_eval import distribution_metrics, pairwise_accuracy
+
+    metrics: dict[str, float] = {}
+    if "probs" in pred and data.targets is not None and space is not None:
+        metrics.update(distribution_metrics(pred["probs"], data.targets, space, data.population))
+    elif data.targets is not None and space is not None:
+        from dprm_ray.reward_eval import spearman
+
+        metrics["spearman"] = spearman(pred["expected"], data.targets @ space.scores_array())
+    if data.pairs is not None and len(data.pairs):
+        metrics["pairwise_accuracy"] = pairwise_accuracy(
+            pred["expected"][data.pairs[:, 0]], pred["expected"][data.pairs[:, 1]]
+        )
+        metrics["pairs"] = float(len(data.pairs))
+    return metrics
+
+
+# --------------------------------------------------------------------------- the training loop
+
+
+def _deepspeed_config(cfg: TrainRewardConfig) -> dict[str, Any]:
+    return {
+        "train_micro_batch_size_per_gpu": cfg.optim.batch_size,
+        "gradient_accumulation_steps": 1,
+        "gradient_clipping": cfg.optim.grad_clip,
+        "zero_optimization": {"stage": cfg.scale.zero_stage},
+        # Our optimizer is plain torch AdamW (no JIT-built CPU Adam op needed on laptops).
+        "zero_allow_untested_optimizer": True,
+        "steps_per_print": 10**9,
+        "wall_clock_breakdown": False,
+    }
+
+
+def train_worker(
+    cfg: TrainRewardConfig,
+    report: Callable[[dict[str, float]], None] = lambda metrics: None,
+) -> dict[str, Any]:
+    """Train on this worker's share; returns the final metrics (on every rank)."""
+    import deepspeed
+    from tqdm import tqdm
+
+    from dprm_ray.losses import bradley_terry_loss, distribution_loss
+    from dprm_ray.reward_models import build_reward_model, cached_embeddings
+
+    rank, world = ensure_process_group()
+    out_dir = Path(cfg.output_dir)
+    ckpt_dir = out_dir / "checkpoints"
+    space = get_label_space(cfg.label_space)
+    is_bt = cfg.loss.kind == "bt"
+    if cfg.loss.kind not in LOSSES:
+        raise ValueError(f"loss.kind must be one of {', '.join(LOSSES)}, got '{cfg.loss.kind}'")
+
+    data = load_reward_data(cfg.data, space, cfg.targets, cfg.skip_invalid_rows)
+    if cfg.eval_data:
+        train, held = (
+            data,
+            load_reward_data(cfg.eval_data, space, cfg.targets, cfg.skip_invalid_rows),
+        )
+    else:
+        train, held = split_by_prompt(data, cfg.val_fraction, cfg.seed)
+    if not is_bt and train.targets is None:
+        raise ValueError(f"{cfg.data}: loss '{cfg.loss.kind}' needs annotations with targets")
+    if is_bt and (train.pairs is None or len(train.pairs) == 0):
+        raise ValueError(f"{cfg.data}: loss 'bt' needs pairs (or annotations with 2+ responses)")
+
+    torch.manual_seed(cfg.seed)
+    model, tokenizer = build_reward_model(
+        "bradley-terry" if is_bt else "distributional",
+        cfg.backbone.spec,
+        space,
+        backbone_kind=cfg.backbone.kind,
+        freeze_backbone=cfg.backbone.freeze,
+        cached_embeddings=cfg.backbone.freeze and cfg.backbone.cache_embeddings,
+    )
+    train_emb = held_emb = None
+    if model.backbone is None:
+        # Rank 0 embeds and caches; the others then read the cache.
+        import torch.distributed as dist
+
+        for turn in (0, 1):
+            if (rank == 0) == (turn == 0):
+                train_emb, held_emb = (
+                    cached_embeddings(
+                        cfg.backbone.spec,
+                        d.prompts,
+                        d.responses,
+                        cfg.backbone.max_length,
+                        progress=rank == 0,
+                    )
+                    for d in (train, held)
+                )
+            dist.barrier()
+
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=cfg.optim.lr, weight_decay=cfg.optim.weight_decay)
+    engine, *_ = deepspeed.initialize(
+        model=model, optimizer=optimizer, model_parameters=params, config=_deepspeed_config(cfg)
+    )
+
+    n_items = len(train.pairs) if is_bt else len(train.prompts)
+    global_batch = cfg.optim.batch_size * world
+    if n_items < global_batch:
+        raise ValueError(
+            f"{cfg.data}: {n_items} training {'pairs' if is_bt else 'rows'} is fewer than one "
+            f"global batch ({cfg.optim.batch_size} x {world} workers); lower optim.batch_size"
+        )
+    total = cfg.optim.max_steps or cfg.optim.epochs * (n_items // global_batch)
+
+    step = 0
+    if cfg.resume and (ckpt_dir / "latest").is_file():
+        _, client = engine.load_checkpoint(str(ckpt_dir))
+        step = int(client["step"])
+        if rank == 0:
+            print(f"resumed from {ckpt_dir} at step {step}")
+
+    run = None
+    if rank == 0 and cfg.wandb.mode != "disabled":
+        import wandb
+
+        run = wandb.init(
+            project=cfg.wandb.project,
+            mode=cfg.wandb.mode,
+            dir=str(out_dir),
+            config=_plain(cfg),
+            resume="allow",
+            # Stable across processes, so a resumed run continues the same W&B run.
+            id="train-reward-" + hashlib.sha1(str(out_dir.resolve()).encode()).hexdigest()[:12],
+        )
+
+    engine.train()
+    losses: list[float] = []
+    bar = tqdm(total=total, initial=step, desc="train-reward", unit="step", disable=rank != 0)
+    while step < total:
+        torch.manual_seed(cfg.seed * 1_000_003 + step * world + rank)  # exact dropout on resume
+        rows = step_rows(n_items, global_batch, cfg.seed, step)[rank::world]
+        if is_bt:
+            pair = train.pairs[rows]
+            idx = np.concatenate([pair[:, 0], pair[:, 1]])
+            reward = engine(
+                **model_inputs(tokenizer, train, idx, train_emb, cfg.backbone.max_length)
+            )
+            reward = reward.squeeze(-1)
+            loss = bradley_terry_loss(reward[: len(rows)], reward[len(rows) :])
+        else:
+            logits = engine(
+                **model_inputs(tokenizer, train, rows, train_emb, cfg.backbone.max_length)
+            )
+            target = torch.as_tensor(train.targets[rows], dtype=torch.float32)
+            loss = distribution_loss(
+                logits.float(),
+                target,
+                cfg.loss.kind,
+                space,
+                mix=cfg.loss.mix,
+                cost_metric=cfg.loss.cost_metric,
+                reg=cfg.loss.reg,
+                method=cfg.loss.method,
+            )
+        engine.backward(loss)
+        engine.step()
+        step += 1
+        losses.append(float(loss.detach()))
+        bar.update(1)
+        if step % cfg.log_every == 0 or step == total:
+            mean_loss = float(np.mean(losses[-cfg.log_every :]))
+            bar.set_postfix(loss=f"{mean_loss:.4f}")
+            report({"step": step, "loss": mean_loss})
+            if run is not None:
+                run.log({"train/loss": mean_loss}, step=step)
+        if cfg.checkpoint_every and (step % cfg.checkpoint_every == 0 or step == total):
+            engine.save_checkpoint(str(ckpt_dir), tag=f"step_{step}", client_state={"step": step})
+    bar.close()
+
+    engine.eval()
+    metrics = _evaluate_sharded(engine, tokenizer, held, held_emb, cfg, space, rank, world)
+    metrics["steps"] = step
+    metrics["train_examples"] = n_items
+    _save_final(engine, tokenizer, out_dir / "model", rank, cfg.scale.zero_stage)
+    if run is not None:
+        run.log({f"eval/{k}": v for k, v in metrics.items()}, step=step)
+        run.finish()
+    return metrics
+
+
+def _plain(cfg: Any) -> dict[str, Any]:
+    from omegaconf import OmegaConf
+
+    return OmegaConf.to_container(cfg, resolve=True) if OmegaConf.is_config(cfg) else dict(cfg)
+
+
+def _evaluate_sharded(
+    engine: Any,
+    tokenizer: Any,
+    held: RewardData,
+    emb: torch.Tensor | None,
+    cfg: TrainRewardConfig,
+    space: LabelSpace,
+    rank: int,
+    world: int,
+) -> dict[str, float]:
+    """Every rank scores a slice (ZeRO-3 needs all ranks in each forward); rank order restored."""
+    n = len(held.prompts)
+    per_rank = math.ceil(n / world)
+    # Equal-length slices keep ZeRO-3's collective forwards in lockstep; pad with row 0.
+    rows = np.arange(rank * per_rank, (rank + 1) * per_rank)
+    rows = np.where(rows < n, rows, 0)
+    pred = predict(engine.module, tokenizer, held, emb, cfg.backbone.max_length, rows=rows)
+    parts = _gather(pred)
+    merged = {k: np.concatenate([p[k] for p in parts])[:n] for k in parts[0]}
+    return evaluate(merged, held, space)
+
+
+def _save_final(engine: Any, tokenizer: Any, path: Path, rank: int, zero_stage: int) -> None:
+    import deepspeed
+
+    params = list(engine.module.parameters())
+    if zero_stage == 3:
+        with deepspeed.zero.GatheredParameters(params, modifier_rank=None):
+            if rank == 0:
+                engine.module.save(path, tokenizer)
+    elif rank == 0:
+        engine.module.save(path, tokenizer)
+
+
+def write_metrics(path: Path, metrics: dict[str, Any]) -> None:
+    from dprm_ray.data import write_text
+
+    write_text(path, json.dumps(metrics, indent=2, sort_keys=True) + "\n")
