@@ -282,8 +282,13 @@ def embed_texts(
     max_length: int = 256,
     batch_size: int = 64,
     progress: bool = False,
+    pooling: str = "mean",
 ) -> torch.Tensor:
-    """Mean-pooled encoder embeddings of (prompt, response) pairs, [N, H] float32."""
+    """Pooled backbone features of (prompt, response) pairs, [N, H] float32.
+
+    `pooling` must be the reward model's: "mean" for encoders, "last" for causal LMs.
+    """
+    pool = pool_last_token if pooling == "last" else pool_mean
     from tqdm import tqdm
 
     chunks = []
@@ -294,7 +299,7 @@ def embed_texts(
                 tokenizer, prompts[i : i + batch_size], responses[i : i + batch_size], max_length
             )
             hidden = encoder(**batch).last_hidden_state
-            chunks.append(pool_mean(hidden, batch["attention_mask"]).float())
+            chunks.append(pool(hidden, batch["attention_mask"]).float())
     return torch.cat(chunks) if chunks else torch.empty(0)
 
 
@@ -305,21 +310,30 @@ def cached_embeddings(
     max_length: int = 256,
     cache_dir: str | Path | None = None,
     progress: bool = False,
+    backbone_kind: str = "encoder",
 ) -> torch.Tensor:
-    """Embeddings of (prompt, response) pairs, cached on disk by (encoder, texts, max_length)."""
+    """Frozen-backbone features of (prompt, response) pairs, cached on disk.
+
+    The cache key covers the backbone, its kind (which sets pooling), max_length and every text.
+    """
     from dprm_ray.data import atomic_path
     from dprm_ray.models import cache_dir as default_cache_dir
     from dprm_ray.models import load_model
 
-    digest = hashlib.sha256(f"{encoder_spec}\0{max_length}".encode())
+    digest = hashlib.sha256(f"{encoder_spec}\0{backbone_kind}\0{max_length}".encode())
     for p, r in zip(prompts, responses, strict=True):
         digest.update(p.encode() + b"\0" + r.encode() + b"\1")
     root = Path(cache_dir) if cache_dir else default_cache_dir() / "embeddings"
     path = root / f"{digest.hexdigest()[:32]}.pt"
     if path.is_file():
         return torch.load(path)
-    encoder, tokenizer = load_model(encoder_spec, kind="encoder")
-    emb = embed_texts(encoder, tokenizer, prompts, responses, max_length, progress=progress)
+    encoder, tokenizer = load_model(encoder_spec, kind=backbone_kind)
+    if backbone_kind == "causal-lm":
+        encoder = encoder.get_decoder()  # the trunk: last_hidden_state, as the reward model sees it
+    pooling = "last" if backbone_kind == "causal-lm" else "mean"
+    emb = embed_texts(
+        encoder, tokenizer, prompts, responses, max_length, progress=progress, pooling=pooling
+    )
     with atomic_path(path) as tmp:
         torch.save(emb, tmp)
     return emb

@@ -400,6 +400,7 @@ def train_worker(
                         d.responses,
                         cfg.backbone.max_length,
                         progress=rank == 0,
+                        backbone_kind=cfg.backbone.kind,
                     )
                     for d in (train, held)
                 )

@@ -114,3 +114,16 @@ def test_distribution_metrics_report_population_when_given():
 
 def test_pairwise_accuracy_counts_ties_half():
     assert pairwise_accuracy(np.array([1, 0, 2.0]), np.array([0, 0, 3.0])) == pytest.approx(0.5)
+
+
+def test_cached_causal_lm_features_equal_the_models_own_pooling(tmp_path):
+    from dprm_ray.reward_models import cached_embeddings
+
+    model, tok = build_reward_model("distributional", "tiny:2", HH6, backbone_kind="causal-lm")
+    prompts, responses = ["p", "another prompt"], ["r", "a longer response"]
+    emb = cached_embeddings("tiny:2", prompts, responses, 64, tmp_path, backbone_kind="causal-lm")
+    with torch.no_grad():
+        direct = model.features(**tokenize_pairs(tok, prompts, responses, 64))
+    assert torch.allclose(emb, direct, atol=1e-5)
+    again = cached_embeddings("tiny:2", prompts, responses, 64, tmp_path, backbone_kind="causal-lm")
+    assert torch.equal(emb, again) and len(list(tmp_path.iterdir())) == 1
