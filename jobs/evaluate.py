@@ -1,13 +1,64 @@
-"""`dprm-ray evaluate`: not built yet; see `--help`."""
+"""`dprm-ray evaluate`: measure reward models (and, with the PPO issue, policies)."""
+
+from __future__ import annotations
 
 import sys
+from dataclasses import dataclass, field
+from typing import Any
 
-from jobs.runner import not_built_job, run_job
+from dprm_ray.config import MISSING
+from jobs.runner import Command, Job, run_job
 
-JOB = not_built_job(
+
+@dataclass
+class EvaluateRewardConfig:
+    model: str = field(default=MISSING, metadata={"help": "a saved reward model folder"})
+    data: str = field(
+        default=MISSING, metadata={"help": "annotations or pairs (.parquet, .jsonl, hh-rlhf)"}
+    )
+    label_space: Any = field(
+        default="hh6", metadata={"help": "for targets scored by a Bradley-Terry model"}
+    )
+    max_length: int = 256
+    batch_size: int = 32
+    skip_invalid_rows: bool = field(
+        default=False, metadata={"help": "leave out bad rows (reported) instead of failing"}
+    )
+    output_dir: str = "outputs/evaluate-reward"
+
+
+def evaluate_reward(cfg: EvaluateRewardConfig) -> dict:
+    from dprm_ray.labels import get_label_space
+    from dprm_ray.reward_models import DistributionalRewardModel, load_reward_model
+    from dprm_ray.reward_training import TargetConfig, evaluate, load_reward_data, predict
+
+    model, tokenizer = load_reward_model(cfg.model)
+    is_dprm = isinstance(model, DistributionalRewardModel)
+    space = model.label_space if is_dprm else get_label_space(cfg.label_space)
+    data = load_reward_data(cfg.data, space, TargetConfig(), cfg.skip_invalid_rows)
+    pred = predict(model, tokenizer, data, max_length=cfg.max_length, batch_size=cfg.batch_size)
+    metrics = evaluate(pred, data, space)
+    print(f"{cfg.model} on {cfg.data} ({len(data.prompts)} responses):")
+    for key, value in sorted(metrics.items()):
+        print(f"  {key:<20} {value:.4f}")
+    return {"model": cfg.model, "data": cfg.data, "model_type": model.kind, **metrics}
+
+
+JOB = Job(
     "evaluate",
-    "Evaluate reward models and policies (W1, CE, calibration, pairwise accuracy, category shares).",
-    "tracked in issue #3 (DPRM core) and issue #5",
+    "Evaluate reward models: W1, CE, calibration, Spearman, pairwise accuracy.",
+    (
+        Command(
+            "reward",
+            "Score a data file with a saved reward model. Annotations: mean W1 (score metric) and\n"
+            "CE to the target (and to the population distribution when present), ECE of the top\n"
+            "category, Spearman between expected reward and the target's expected score, and\n"
+            "pairwise accuracy between responses to the same prompt. Pairs (parquet or hh-rlhf\n"
+            "JSONL): pairwise accuracy of the (expected) reward.",
+            EvaluateRewardConfig,
+            evaluate_reward,
+        ),
+    ),
 )
 
 

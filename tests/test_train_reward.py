@@ -56,10 +56,12 @@ TINY_LM = [
 
 def test_tiny_lm_zero2_two_workers(tmp_path):
     data = write_annotations(tmp_path / "ann.parquet")
+    held = write_annotations(tmp_path / "held.parquet", prompts=9)
     out = tmp_path / "run"
     proc = run_cli(
         "train-reward",
         f"data={data}",
+        f"eval_data={held}",
         *TINY_LM,
         "scale.zero_stage=2",
         "optim.batch_size=8",
@@ -69,7 +71,7 @@ def test_tiny_lm_zero2_two_workers(tmp_path):
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     metrics = json.loads((out / "metrics.json").read_text())
-    assert metrics["steps"] == 3 * (116 // 16)
+    assert metrics["steps"] == 3 * (128 // 16)
     assert {"w1", "ce", "ece", "spearman", "pairwise_accuracy"} <= set(metrics)
     assert (out / "config.yaml").is_file() and (out / "checkpoints" / "latest").is_file()
     model, tok = load_model(str(out / "model"))
@@ -82,6 +84,19 @@ def test_tiny_lm_zero2_two_workers(tmp_path):
     )
     good, bad = model.predict(**enc).expected.tolist()
     assert good > bad
+
+    # `evaluate reward` on the held-out file reproduces the job's own (sharded) evaluation.
+    proc = run_cli(
+        "evaluate",
+        "reward",
+        f"model={out / 'model'}",
+        f"data={held}",
+        f"output_dir={tmp_path / 'ev'}",
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    evaluated = json.loads((tmp_path / "ev" / "metrics.json").read_text())
+    for key in ("w1", "ce", "ece", "spearman", "pairwise_accuracy", "n"):
+        assert evaluated[key] == pytest.approx(metrics[key], abs=1e-5), key
 
 
 def _metrics_without_time(path: Path) -> dict:

@@ -1,0 +1,38 @@
+import json
+
+from conftest import HH_RLHF, run_cli
+
+from dprm_ray.reward_models import build_reward_model
+
+
+def test_evaluate_bt_model_on_hh_rlhf_transcripts(tmp_path):
+    model, tok = build_reward_model("bradley-terry", "tiny-encoder:0", backbone_kind="encoder")
+    model.save(tmp_path / "bt", tok)
+    proc = run_cli(
+        "evaluate",
+        "reward",
+        f"--model={tmp_path / 'bt'}",
+        "--data",
+        str(HH_RLHF),
+        "skip_invalid_rows=true",
+        "max_length=64",
+        f"output_dir={tmp_path / 'out'}",
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    metrics = json.loads((tmp_path / "out" / "metrics.json").read_text())
+    assert metrics["pairs"] == 1154 and 0.0 <= metrics["pairwise_accuracy"] <= 1.0
+    assert metrics["model_type"] == "bradley-terry"
+
+
+def test_evaluate_refuses_bad_rows_naming_them(tmp_path):
+    model, tok = build_reward_model("bradley-terry", "tiny-encoder:0", backbone_kind="encoder")
+    model.save(tmp_path / "bt", tok)
+    proc = run_cli(
+        "evaluate",
+        "reward",
+        f"model={tmp_path / 'bt'}",
+        f"data={HH_RLHF}",
+        f"output_dir={tmp_path}",
+    )
+    assert proc.returncode == 1
+    assert f"{HH_RLHF}:317: empty text in 'chosen'" in proc.stderr
