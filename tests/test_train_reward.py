@@ -49,12 +49,12 @@ TINY_LM = [
     "backbone.spec=tiny",
     "backbone.kind=causal-lm",
     "backbone.freeze=false",
-    "wandb.mode=disabled",
     "scale.num_workers=2",
 ]
 
 
-def test_tiny_lm_zero2_two_workers(tmp_path):
+@pytest.mark.parametrize("zero_stage, wandb_mode", [(2, "disabled"), (3, "offline")])
+def test_tiny_lm_deepspeed_two_workers(tmp_path, zero_stage, wandb_mode):
     data = write_annotations(tmp_path / "ann.parquet")
     held = write_annotations(tmp_path / "held.parquet", prompts=9)
     out = tmp_path / "run"
@@ -63,7 +63,8 @@ def test_tiny_lm_zero2_two_workers(tmp_path):
         f"data={data}",
         f"eval_data={held}",
         *TINY_LM,
-        "scale.zero_stage=2",
+        f"scale.zero_stage={zero_stage}",
+        f"wandb.mode={wandb_mode}",
         "optim.batch_size=8",
         "optim.epochs=3",
         "optim.lr=3e-3",
@@ -74,6 +75,8 @@ def test_tiny_lm_zero2_two_workers(tmp_path):
     assert metrics["steps"] == 3 * (128 // 16)
     assert {"w1", "ce", "ece", "spearman", "pairwise_accuracy"} <= set(metrics)
     assert (out / "config.yaml").is_file() and (out / "checkpoints" / "latest").is_file()
+    offline_runs = list((out / "wandb").glob("offline-run-*")) if (out / "wandb").exists() else []
+    assert len(offline_runs) == (1 if wandb_mode == "offline" else 0)
     model, tok = load_model(str(out / "model"))
     assert isinstance(model, DistributionalRewardModel)
     # The saved model separates helpful from harmful responses it never saw.
@@ -114,6 +117,7 @@ def test_kill_and_resume_equals_uninterrupted(tmp_path):
         "optim.max_steps=240",
         "checkpoint_every=20",
         "log_every=20",
+        "wandb.mode=disabled",
     ]
     full = run_cli("train-reward", *common, f"output_dir={tmp_path / 'full'}")
     assert full.returncode == 0, full.stderr[-3000:]
