@@ -25,7 +25,14 @@ from dprm_ray.labels import LabelSpace
 
 __all__ = [
     "LOSS_KINDS",
+    "OFFLINE_LOSSES",
     "bradley_terry_loss",
+    "ddpo_loss",
+    "dpo_loss",
+    "edpo_loss",
+    "ipo_loss",
+    "offline_policy_loss",
+    "reference_nll",
     "cross_entropy",
     "distribution_loss",
     "ot_1d",
@@ -186,3 +193,127 @@ def distribution_loss(
 def bradley_terry_loss(r_chosen: torch.Tensor, r_rejected: torch.Tensor) -> torch.Tensor:
     """Pairwise Bradley-Terry loss -log sigmoid(r_chosen - r_rejected), batch mean."""
     return -F.logsigmoid(r_chosen - r_rejected).mean()
+
+
+# --------------------------------------------------------------------------- offline policy losses
+#
+# Reward-model distillation (Fisch et al., arXiv 2405.19316) and its baselines. All take sequence
+# log-probabilities (sums over response tokens) of the policy and of the frozen reference, [B] each:
+# h = log pi(y1)/pi_ref(y1) - log pi(y2)/pi_ref(y2), with y1 the chosen and y2 the rejected response.
+
+OFFLINE_LOSSES = ("dpo", "ipo", "ddpo", "edpo", "pdpo")
+
+
+def log_ratio_margin(
+    pi_chosen: torch.Tensor,
+    pi_rejected: torch.Tensor,
+    ref_chosen: torch.Tensor,
+    ref_rejected: torch.Tensor,
+) -> torch.Tensor:
+    """h = (log pi - log pi_ref)(chosen) - (log pi - log pi_ref)(rejected), [B]."""
+    return (pi_chosen - ref_chosen) - (pi_rejected - ref_rejected)
+
+
+def dpo_loss(h: torch.Tensor, beta: float) -> torch.Tensor:
+    """DPO: -log sigmoid(beta * h), batch mean."""
+    return -F.logsigmoid(beta * h).mean()
+
+
+def ipo_loss(h: torch.Tensor, beta: float) -> torch.Tensor:
+    """IPO: (h - 1 / (2 beta))^2, batch mean (beta plays the role of IPO's tau)."""
+    return (h - 1.0 / (2.0 * beta)).square().mean()
+
+
+def ddpo_loss(
+    h: torch.Tensor, r_chosen: torch.Tensor, r_rejected: torch.Tensor, beta: float
+) -> torch.Tensor:
+    """d-DPO: (r(x,y1) - r(x,y2) - beta * h)^2, batch mean; rewards are precomputed constants."""
+    return ((r_chosen - r_rejected) - beta * h).square().mean()
+
+
+def edpo_loss(
+    h: torch.Tensor,
+    r_chosen: torch.Tensor,
+    r_rejected: torch.Tensor,
+    beta: float,
+    per_example: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """e-DPO's pessimistic distillation term: the minimum over an ensemble of reward models.
+
+    r_chosen / r_rejected are [M, B] (M ensemble members). Batch level (default): the member
+    whose mean squared distillation loss on the batch is lowest; per example: the lowest member
+    for each example. Returns (loss, chosen member index: [] batch level, [B] per example).
+    """
+    if r_chosen.dim() != 2 or r_chosen.shape != r_rejected.shape:
+        raise ValueError("ensemble rewards must be [M, B] for both chosen and rejected")
+    per_member = ((r_chosen - r_rejected) - beta * h.unsqueeze(0)).square()  # [M, B]
+    if per_example:
+        best, which = per_member.min(dim=0)
+        return best.mean(), which
+    member_loss = per_member.mean(dim=1)
+    which = member_loss.argmin()
+    return member_loss[which], which
+
+
+def reference_nll(pi_logp_on_ref_samples: torch.Tensor) -> torch.Tensor:
+    """Forward KL(pi_ref || pi) up to a constant: the NLL of pi on samples drawn from pi_ref."""
+    return -pi_logp_on_ref_samples.mean()
+
+
+def offline_policy_loss(
+    kind: str,
+    pi_chosen: torch.Tensor,
+    pi_rejected: torch.Tensor,
+    ref_chosen: torch.Tensor,
+    ref_rejected: torch.Tensor,
+    beta: float,
+    r_chosen: torch.Tensor | None = None,
+    r_rejected: torch.Tensor | None = None,
+    pi_logp_on_ref_samples: torch.Tensor | None = None,
+    gamma: float = 0.0,
+    per_example: bool = False,
+) -> tuple[torch.Tensor, dict[str, float]]:
+    """One loss of OFFLINE_LOSSES plus diagnostics (implicit rewards, log-probs, ensemble choice).
+
+    ddpo takes rewards [B] (or [M, B], then the first member); edpo takes [M, B]; edpo and pdpo add
+    gamma * reference NLL when gamma > 0 (they need `pi_logp_on_ref_samples`).
+    """
+    if kind not in OFFLINE_LOSSES:
+        raise ValueError(f"unknown offline loss '{kind}' (one of {', '.join(OFFLINE_LOSSES)})")
+    h = log_ratio_margin(pi_chosen, pi_rejected, ref_chosen, ref_rejected)
+    diag: dict[str, float] = {}
+    if kind in ("ddpo", "edpo") and (r_chosen is None or r_rejected is None):
+        raise ValueError(f"loss '{kind}' needs precomputed rewards for chosen and rejected")
+    if kind == "dpo" or kind == "pdpo":
+        loss = dpo_loss(h, beta)
+    elif kind == "ipo":
+        loss = ipo_loss(h, beta)
+    elif kind == "ddpo":
+        rc, rr = (r_chosen[0], r_rejected[0]) if r_chosen.dim() == 2 else (r_chosen, r_rejected)
+        loss = ddpo_loss(h, rc, rr, beta)
+    else:
+        rc, rr = (
+            (r_chosen, r_rejected) if r_chosen.dim() == 2 else (r_chosen[None], r_rejected[None])
+        )
+        loss, which = edpo_loss(h, rc, rr, beta, per_example)
+        diag["ensemble_member"] = float(which.float().mean())
+    if kind in ("edpo", "pdpo") and gamma > 0:
+        if pi_logp_on_ref_samples is None:
+            raise ValueError(f"loss '{kind}' with gamma > 0 needs log-probs of reference samples")
+        nll = reference_nll(pi_logp_on_ref_samples)
+        diag["reference_nll"] = float(nll.detach())
+        loss = loss + gamma * nll
+    with torch.no_grad():
+        implicit_c, implicit_r = (
+            beta * (pi_chosen - ref_chosen),
+            beta * (pi_rejected - ref_rejected),
+        )
+        diag.update(
+            implicit_reward_chosen=float(implicit_c.mean()),
+            implicit_reward_rejected=float(implicit_r.mean()),
+            implicit_reward_abs=float(torch.cat([implicit_c, implicit_r]).abs().mean()),
+            logp_chosen=float(pi_chosen.mean()),
+            logp_rejected=float(pi_rejected.mean()),
+            margin=float(h.mean()),
+        )
+    return loss, diag
