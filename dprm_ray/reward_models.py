@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -99,13 +98,9 @@ class _RewardModel(nn.Module):
 
     def save(self, path: str | Path, tokenizer: Any = None) -> None:
         """Write the folder atomically (temp folder, then rename)."""
-        import shutil
-        import tempfile
+        from dprm_ray.data import atomic_dir
 
-        final = Path(path)
-        final.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", dir=final.parent))
-        try:
+        with atomic_dir(path) as tmp:
             save_file(
                 {k: v.contiguous() for k, v in self.head.state_dict().items()},
                 tmp / "head.safetensors",
@@ -125,11 +120,6 @@ class _RewardModel(nn.Module):
                 **self._extra_config(),
             }
             (tmp / REWARD_CONFIG).write_text(json.dumps(config, indent=2) + "\n")
-            if final.exists():
-                shutil.rmtree(final)
-            os.replace(tmp, final)
-        finally:
-            shutil.rmtree(tmp, ignore_errors=True)
 
 
 class DistributionalRewardModel(_RewardModel):

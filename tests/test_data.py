@@ -253,3 +253,13 @@ def test_cli_validate_ok_and_bad(tmp_path):
     proc = run_cli("data", "validate", str(bad), f"output_dir={tmp_path / 'o2'}")
     assert proc.returncode == 1
     assert f"{bad}:1: 'target' sums to 1.5" in proc.stderr
+
+
+def test_written_files_get_the_usual_permissions_not_mkstemps_0600(tmp_path):
+    import os
+
+    umask = os.umask(0)
+    os.umask(umask)
+    path = tmp_path / "p.parquet"
+    write_rows(path, [{"prompt": "p", "chosen": "a", "rejected": "b"}], "pairs")
+    assert path.stat().st_mode & 0o777 == 0o666 & ~umask

@@ -127,3 +127,15 @@ def test_cached_causal_lm_features_equal_the_models_own_pooling(tmp_path):
     assert torch.allclose(emb, direct, atol=1e-5)
     again = cached_embeddings("tiny:2", prompts, responses, 64, tmp_path, backbone_kind="causal-lm")
     assert torch.equal(emb, again) and len(list(tmp_path.iterdir())) == 1
+
+
+def test_saved_model_folder_gets_the_usual_permissions_not_mkdtemps_0700(tmp_path):
+    import os
+
+    umask = os.umask(0)
+    os.umask(umask)
+    model = DistributionalRewardModel(HH6, hidden_size=4)
+    model.save(tmp_path / "rm")
+    assert (tmp_path / "rm").stat().st_mode & 0o777 == 0o777 & ~umask
+    model.save(tmp_path / "rm")  # saving again replaces the folder
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["rm"]
