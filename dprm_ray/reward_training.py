@@ -1,20 +1,13 @@
 """Reward-model training: data, the per-worker training loop, scoring.
 
-The loop runs on every data-parallel worker (Ray Train's TorchTrainer starts them and the
-torch.distributed group; `ensure_process_group` makes a one-process group for in-process use). The
-model is wrapped in a DeepSpeed engine (ZeRO stage from config, gloo on CPU). Resume is exact: the
-batch of step s is a pure function of (seed, s), dropout is re-seeded per step, and DeepSpeed
-checkpoints in `<output_dir>/checkpoints` hold model, optimizer and step, so a killed run resumed
-from its last checkpoint ends with the same weights and metrics as an uninterrupted run.
+The loop runs on every data-parallel worker with the shared machinery of `dprm_ray.training`
+(DeepSpeed engine, exact resume from `<output_dir>/checkpoints`, W&B on rank 0); dropout is
+re-seeded per step so a resumed run matches an uninterrupted one.
 """
 
 from __future__ import annotations
 
-import hashlib
-import json
 import math
-import os
-import socket
 from collections import defaultdict
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -26,6 +19,20 @@ import torch
 
 from dprm_ray.config import MISSING
 from dprm_ray.labels import LabelSpace, get_label_space
+from dprm_ray.training import (
+    OptimConfig,
+    ScaleConfig,
+    WandbConfig,
+    deepspeed_engine,
+    ensure_process_group,
+    gather,
+    resume_step,
+    save_checkpoint,
+    save_on_rank0,
+    start_wandb,
+    step_rows,
+    total_steps,
+)
 
 LOSSES = ("ce", "w1", "ot", "ot_general", "bt")
 
@@ -65,32 +72,6 @@ class BackboneConfig:
         default=True, metadata={"help": "frozen encoders: embed once, cache on disk"}
     )
     max_length: int = 256
-
-
-@dataclass
-class OptimConfig:
-    lr: float = 1e-3
-    weight_decay: float = 0.0
-    batch_size: int = field(default=32, metadata={"help": "per worker"})
-    epochs: int = 3
-    max_steps: int = field(default=0, metadata={"help": "stop after this many steps (0: epochs)"})
-    grad_clip: float = 1.0
-
-
-@dataclass
-class ScaleConfig:
-    num_workers: int = 2
-    use_gpu: bool = False
-    cpus_per_worker: float = 1.0
-    zero_stage: int = field(default=2, metadata={"help": "DeepSpeed ZeRO stage 0-3"})
-    max_failures: int = field(default=1, metadata={"help": "Ray Train worker-group restarts"})
-    address: str = field(default="", metadata={"help": "Ray address ('' = local or job's)"})
-
-
-@dataclass
-class WandbConfig:
-    mode: str = field(default="offline", metadata={"help": "offline, online or disabled"})
-    project: str = "dprm-ray"
 
 
 @dataclass
@@ -230,42 +211,6 @@ def split_by_prompt(data: RewardData, fraction: float, seed: int) -> tuple[Rewar
     return subset(data, np.flatnonzero(~is_held)), subset(data, np.flatnonzero(is_held))
 
 
-# --------------------------------------------------------------------------- distributed helpers
-
-
-def ensure_process_group() -> tuple[int, int]:
-    """(rank, world): join the existing torch.distributed group or start a one-process one."""
-    import torch.distributed as dist
-
-    if not dist.is_initialized():
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            port = s.getsockname()[1]
-        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-        os.environ.setdefault("MASTER_PORT", str(port))
-        os.environ.setdefault("RANK", "0")
-        os.environ.setdefault("LOCAL_RANK", "0")
-        os.environ.setdefault("WORLD_SIZE", "1")
-        dist.init_process_group("gloo", rank=0, world_size=1)
-    return dist.get_rank(), dist.get_world_size()
-
-
-def _gather(obj: Any) -> list[Any]:
-    import torch.distributed as dist
-
-    out: list[Any] = [None] * dist.get_world_size()
-    dist.all_gather_object(out, obj)
-    return out
-
-
-def step_rows(n: int, global_batch: int, seed: int, step: int) -> np.ndarray:
-    """The example indices of global step `step`: epoch-wise permutations, last partial dropped."""
-    per_epoch = n // global_batch
-    epoch, offset = divmod(step, per_epoch)
-    perm = np.random.default_rng([seed, epoch]).permutation(n)
-    return perm[offset * global_batch : (offset + 1) * global_batch]
-
-
 # --------------------------------------------------------------------------- scoring
 
 
@@ -332,25 +277,11 @@ def evaluate(
 # --------------------------------------------------------------------------- the training loop
 
 
-def _deepspeed_config(cfg: TrainRewardConfig) -> dict[str, Any]:
-    return {
-        "train_micro_batch_size_per_gpu": cfg.optim.batch_size,
-        "gradient_accumulation_steps": 1,
-        "gradient_clipping": cfg.optim.grad_clip,
-        "zero_optimization": {"stage": cfg.scale.zero_stage},
-        # Our optimizer is plain torch AdamW (no JIT-built CPU Adam op needed on laptops).
-        "zero_allow_untested_optimizer": True,
-        "steps_per_print": 10**9,
-        "wall_clock_breakdown": False,
-    }
-
-
 def train_worker(
     cfg: TrainRewardConfig,
     report: Callable[[dict[str, float]], None] = lambda metrics: None,
 ) -> dict[str, Any]:
-    """Train on this worker's share; returns the final metrics (on every rank)."""
-    import deepspeed
+    """Train on this worker's share; reports and returns the final metrics (on every rank)."""
     from tqdm import tqdm
 
     from dprm_ray.losses import bradley_terry_loss, distribution_loss
@@ -406,41 +337,12 @@ def train_worker(
                 )
             dist.barrier()
 
-    params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=cfg.optim.lr, weight_decay=cfg.optim.weight_decay)
-    engine, *_ = deepspeed.initialize(
-        model=model, optimizer=optimizer, model_parameters=params, config=_deepspeed_config(cfg)
-    )
-
+    engine = deepspeed_engine(model, cfg.optim, cfg.scale.zero_stage)
     n_items = len(train.pairs) if is_bt else len(train.prompts)
     global_batch = cfg.optim.batch_size * world
-    if n_items < global_batch:
-        raise ValueError(
-            f"{cfg.data}: {n_items} training {'pairs' if is_bt else 'rows'} is fewer than one "
-            f"global batch ({cfg.optim.batch_size} x {world} workers); lower optim.batch_size"
-        )
-    total = cfg.optim.max_steps or cfg.optim.epochs * (n_items // global_batch)
-
-    step = 0
-    if cfg.resume and (ckpt_dir / "latest").is_file():
-        _, client = engine.load_checkpoint(str(ckpt_dir))
-        step = int(client["step"])
-        if rank == 0:
-            print(f"resumed from {ckpt_dir} at step {step}")
-
-    run = None
-    if rank == 0 and cfg.wandb.mode != "disabled":
-        import wandb
-
-        run = wandb.init(
-            project=cfg.wandb.project,
-            mode=cfg.wandb.mode,
-            dir=str(out_dir),
-            config=_plain(cfg),
-            resume="allow",
-            # Stable across processes, so a resumed run continues the same W&B run.
-            id="train-reward-" + hashlib.sha1(str(out_dir.resolve()).encode()).hexdigest()[:12],
-        )
+    total = total_steps(n_items, cfg.optim, world, cfg.data, "pairs" if is_bt else "rows")
+    step = resume_step(engine, ckpt_dir, cfg.resume, rank)
+    run = start_wandb(cfg.wandb, out_dir, cfg, "train-reward", rank)
 
     engine.train()
     losses: list[float] = []
@@ -479,28 +381,26 @@ def train_worker(
         if step % cfg.log_every == 0 or step == total:
             mean_loss = float(np.mean(losses[-cfg.log_every :]))
             bar.set_postfix(loss=f"{mean_loss:.4f}")
-            report({"step": step, "loss": mean_loss})
             if run is not None:
                 run.log({"train/loss": mean_loss}, step=step)
         if cfg.checkpoint_every and (step % cfg.checkpoint_every == 0 or step == total):
-            engine.save_checkpoint(str(ckpt_dir), tag=f"step_{step}", client_state={"step": step})
+            save_checkpoint(engine, ckpt_dir, step)
     bar.close()
 
     engine.eval()
     metrics = _evaluate_sharded(engine, tokenizer, held, held_emb, cfg, space, rank, world)
     metrics["steps"] = step
     metrics["train_examples"] = n_items
-    _save_final(engine, tokenizer, out_dir / "model", rank, cfg.scale.zero_stage)
+    save_on_rank0(
+        engine, cfg.scale.zero_stage, rank, lambda: engine.module.save(out_dir / "model", tokenizer)
+    )
     if run is not None:
         run.log({f"eval/{k}": v for k, v in metrics.items()}, step=step)
         run.finish()
+    # Ray Train V2's report waits for the controller's next poll (~seconds), so it is called once
+    # with the results rather than every few steps; progress goes to the bar and W&B instead.
+    report(metrics)
     return metrics
-
-
-def _plain(cfg: Any) -> dict[str, Any]:
-    from omegaconf import OmegaConf
-
-    return OmegaConf.to_container(cfg, resolve=True) if OmegaConf.is_config(cfg) else dict(cfg)
 
 
 def _evaluate_sharded(
@@ -520,24 +420,6 @@ def _evaluate_sharded(
     rows = np.arange(rank * per_rank, (rank + 1) * per_rank)
     rows = np.where(rows < n, rows, 0)
     pred = predict(engine.module, tokenizer, held, emb, cfg.backbone.max_length, rows=rows)
-    parts = _gather(pred)
+    parts = gather(pred)
     merged = {k: np.concatenate([p[k] for p in parts])[:n] for k in parts[0]}
     return evaluate(merged, held, space)
-
-
-def _save_final(engine: Any, tokenizer: Any, path: Path, rank: int, zero_stage: int) -> None:
-    import deepspeed
-
-    params = list(engine.module.parameters())
-    if zero_stage == 3:
-        with deepspeed.zero.GatheredParameters(params, modifier_rank=None):
-            if rank == 0:
-                engine.module.save(path, tokenizer)
-    elif rank == 0:
-        engine.module.save(path, tokenizer)
-
-
-def write_metrics(path: Path, metrics: dict[str, Any]) -> None:
-    from dprm_ray.data import write_text
-
-    write_text(path, json.dumps(metrics, indent=2, sort_keys=True) + "\n")

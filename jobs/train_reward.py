@@ -26,7 +26,8 @@ def _train_loop(config: dict) -> None:
         os.environ.setdefault("DS_ACCELERATOR", "cpu")
     import ray.train
 
-    from dprm_ray.reward_training import train_worker, write_metrics
+    from dprm_ray.reward_training import train_worker
+    from dprm_ray.training import write_metrics
 
     cfg = OmegaConf.merge(OmegaConf.structured(TrainRewardConfig), config)
     metrics = train_worker(cfg, report=ray.train.report)

@@ -1,0 +1,171 @@
+"""What the data-parallel trainers (reward models, offline policy distillation) share.
+
+Each Ray Train worker joins the torch.distributed group Ray Train made (or a one-process group for
+in-process use), wraps its model in a DeepSpeed engine (ZeRO stage from config, torch AdamW so no
+JIT-built CPU Adam is needed), and takes the batch of global step s as a pure function of
+(seed, s). With model, optimizer and step in DeepSpeed checkpoints, a killed run resumed from its
+last checkpoint ends exactly where an uninterrupted run does.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import socket
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 1e-3
+    weight_decay: float = 0.0
+    batch_size: int = field(default=32, metadata={"help": "per worker"})
+    epochs: int = 3
+    max_steps: int = field(default=0, metadata={"help": "stop after this many steps (0: epochs)"})
+    grad_clip: float = 1.0
+
+
+@dataclass
+class ScaleConfig:
+    num_workers: int = 2
+    use_gpu: bool = False
+    cpus_per_worker: float = 1.0
+    zero_stage: int = field(default=2, metadata={"help": "DeepSpeed ZeRO stage 0-3"})
+    max_failures: int = field(default=1, metadata={"help": "Ray Train worker-group restarts"})
+    address: str = field(default="", metadata={"help": "Ray address ('' = local or job's)"})
+
+
+@dataclass
+class WandbConfig:
+    mode: str = field(default="offline", metadata={"help": "offline, online or disabled"})
+    project: str = "dprm-ray"
+
+
+def ensure_process_group() -> tuple[int, int]:
+    """(rank, world): join the existing torch.distributed group or start a one-process one."""
+    import torch.distributed as dist
+
+    if not dist.is_initialized():
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+        os.environ.setdefault("MASTER_PORT", str(port))
+        os.environ.setdefault("RANK", "0")
+        os.environ.setdefault("LOCAL_RANK", "0")
+        os.environ.setdefault("WORLD_SIZE", "1")
+        dist.init_process_group("gloo", rank=0, world_size=1)
+    return dist.get_rank(), dist.get_world_size()
+
+
+def gather(obj: Any) -> list[Any]:
+    """Every rank's `obj`, in rank order, on every rank."""
+    import torch.distributed as dist
+
+    out: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(out, obj)
+    return out
+
+
+def step_rows(n: int, global_batch: int, seed: int, step: int) -> np.ndarray:
+    """The example indices of global step `step`: epoch-wise permutations, last partial dropped."""
+    per_epoch = n // global_batch
+    epoch, offset = divmod(step, per_epoch)
+    perm = np.random.default_rng([seed, epoch]).permutation(n)
+    return perm[offset * global_batch : (offset + 1) * global_batch]
+
+
+def total_steps(n_items: int, optim: OptimConfig, world: int, source: str, what: str) -> int:
+    global_batch = optim.batch_size * world
+    if n_items < global_batch:
+        raise ValueError(
+            f"{source}: {n_items} training {what} is fewer than one global batch "
+            f"({optim.batch_size} x {world} workers); lower optim.batch_size"
+        )
+    return optim.max_steps or optim.epochs * (n_items // global_batch)
+
+
+def deepspeed_engine(model: torch.nn.Module, optim: OptimConfig, zero_stage: int) -> Any:
+    import deepspeed
+
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=optim.lr, weight_decay=optim.weight_decay)
+    config = {
+        "train_micro_batch_size_per_gpu": optim.batch_size,
+        "gradient_accumulation_steps": 1,
+        "gradient_clipping": optim.grad_clip,
+        "zero_optimization": {"stage": zero_stage},
+        "zero_allow_untested_optimizer": True,
+        "steps_per_print": 10**9,
+        "wall_clock_breakdown": False,
+    }
+    engine, *_ = deepspeed.initialize(
+        model=model, optimizer=optimizer, model_parameters=params, config=config
+    )
+    return engine
+
+
+def resume_step(engine: Any, ckpt_dir: Path, enabled: bool, rank: int) -> int:
+    """Load the latest checkpoint if there is one (and resuming is on); the step to continue at."""
+    if not enabled or not (ckpt_dir / "latest").is_file():
+        return 0
+    _, client = engine.load_checkpoint(str(ckpt_dir))
+    step = int(client["step"])
+    if rank == 0:
+        print(f"resumed from {ckpt_dir} at step {step}")
+    return step
+
+
+def save_checkpoint(engine: Any, ckpt_dir: Path, step: int) -> None:
+    # DeepSpeed writes `latest` after the tag folder, so a crash mid-save keeps the previous one.
+    engine.save_checkpoint(str(ckpt_dir), tag=f"step_{step}", client_state={"step": step})
+
+
+def start_wandb(wandb_cfg: WandbConfig, out_dir: Path, config: Any, job: str, rank: int) -> Any:
+    """A W&B run on rank 0 (None elsewhere or when disabled); resumed runs continue the same id."""
+    if rank != 0 or wandb_cfg.mode == "disabled":
+        return None
+    import wandb
+
+    run_id = f"{job}-" + hashlib.sha1(str(out_dir.resolve()).encode()).hexdigest()[:12]
+    return wandb.init(
+        project=wandb_cfg.project,
+        mode=wandb_cfg.mode,
+        dir=str(out_dir),
+        config=plain(config),
+        resume="allow",
+        id=run_id,
+    )
+
+
+def save_on_rank0(engine: Any, zero_stage: int, rank: int, save: Callable[[], None]) -> None:
+    """Call `save` on rank 0 with full parameters (ZeRO-3 gathers its partitions first)."""
+    import deepspeed
+
+    if zero_stage == 3:
+        with deepspeed.zero.GatheredParameters(
+            list(engine.module.parameters()), modifier_rank=None
+        ):
+            if rank == 0:
+                save()
+    elif rank == 0:
+        save()
+
+
+def plain(cfg: Any) -> dict[str, Any]:
+    from omegaconf import OmegaConf
+
+    return OmegaConf.to_container(cfg, resolve=True) if OmegaConf.is_config(cfg) else dict(cfg)
+
+
+def write_metrics(path: Path, metrics: dict[str, Any]) -> None:
+    from dprm_ray.data import write_text
+
+    write_text(path, json.dumps(metrics, indent=2, sort_keys=True) + "\n")
