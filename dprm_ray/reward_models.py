@@ -236,22 +236,25 @@ def tokenize_pairs(
 
     Encoders (with a [SEP] token) get the sentence-pair encoding, trimming the longer side first.
     Causal LMs read `prompt\nresponse<eos>` and are pooled at the last token, so the text is cut
-    from the left: the end of the response and the EOS are always seen.
+    from the left: the end of the response and the EOS are always seen. Padding is always on the
+    right: without explicit position ids, left padding shifts every position and a text's score
+    would depend on what else is in its batch.
     """
-    if tokenizer.sep_token is not None:
-        return tokenizer(
-            list(prompts),
-            list(responses),
-            truncation="longest_first",
-            max_length=max_length,
-            padding=True,
-            return_tensors="pt",
-        )
-    eos = tokenizer.eos_token or ""
-    texts = [f"{p}\n{r}{eos}" for p, r in zip(prompts, responses, strict=True)]
-    side = tokenizer.truncation_side
-    tokenizer.truncation_side = "left"
+    sides = tokenizer.padding_side, tokenizer.truncation_side
+    tokenizer.padding_side = "right"
     try:
+        if tokenizer.sep_token is not None:
+            return tokenizer(
+                list(prompts),
+                list(responses),
+                truncation="longest_first",
+                max_length=max_length,
+                padding=True,
+                return_tensors="pt",
+            )
+        eos = tokenizer.eos_token or ""
+        texts = [f"{p}\n{r}{eos}" for p, r in zip(prompts, responses, strict=True)]
+        tokenizer.truncation_side = "left"
         return tokenizer(
             texts,
             truncation=True,
@@ -261,7 +264,7 @@ def tokenize_pairs(
             add_special_tokens=False,
         )
     finally:
-        tokenizer.truncation_side = side
+        tokenizer.padding_side, tokenizer.truncation_side = sides
 
 
 def embed_texts(

@@ -139,3 +139,36 @@ def test_saved_model_folder_gets_the_usual_permissions_not_mkdtemps_0700(tmp_pat
     assert (tmp_path / "rm").stat().st_mode & 0o777 == 0o777 & ~umask
     model.save(tmp_path / "rm")  # saving again replaces the folder
     assert sorted(p.name for p in tmp_path.iterdir()) == ["rm"]
+
+
+def test_bootstrap_resamples_with_replacement_deterministically():
+    import numpy as np
+
+    from dprm_ray.reward_training import RewardData, bootstrap_resample
+
+    data = RewardData(
+        [f"p{i}" for i in range(50)],
+        [f"r{i}" for i in range(50)],
+        targets=np.eye(5)[np.arange(50) % 5],
+        pairs=np.arange(50).reshape(25, 2),
+    )
+    a = bootstrap_resample(data, by_pairs=True, seed=1)
+    assert np.array_equal(a.pairs, bootstrap_resample(data, by_pairs=True, seed=1).pairs)
+    assert not np.array_equal(a.pairs, bootstrap_resample(data, by_pairs=True, seed=2).pairs)
+    assert len(a.pairs) == 25 and len({tuple(p) for p in a.pairs}) < 25  # some repeats
+    rows = bootstrap_resample(data, by_pairs=False, seed=1)
+    assert len(rows.prompts) == 50 and len(set(rows.prompts)) < 50
+    for p, t in zip(rows.prompts, rows.targets, strict=True):
+        assert t.argmax() == int(p[1:]) % 5  # targets travel with their rows
+
+
+@pytest.mark.parametrize("spec, kind", [("tiny-encoder:0", "encoder"), ("tiny:0", "causal-lm")])
+def test_scores_do_not_depend_on_what_else_is_in_the_batch(spec, kind):
+    model, tok = build_reward_model("bradley-terry", spec, backbone_kind=kind)
+    with torch.no_grad():
+        model.head.weight.normal_()
+        alone = model.predict(**tokenize_pairs(tok, ["q"], ["short"], 64)).expected
+        batched = model.predict(
+            **tokenize_pairs(tok, ["q", "a much longer prompt"], ["short", "long answer " * 5], 64)
+        ).expected
+    assert torch.allclose(alone, batched[:1], atol=1e-5)
