@@ -30,7 +30,7 @@ ASSISTANT_TURN = "\n\nAssistant:"
 @dataclass(frozen=True)
 class Column:
     name: str
-    kind: str  # text | id | dist | votes | str_list | int | float
+    kind: str  # text | id | dist | votes | str_list | floats | int | float
     required: bool = True
 
 
@@ -40,6 +40,7 @@ _ARROW_TYPES: dict[str, pa.DataType] = {
     "dist": pa.list_(pa.float64()),
     "votes": pa.list_(pa.int32()),
     "str_list": pa.list_(pa.string()),
+    "floats": pa.list_(pa.float64()),
     "int": pa.int64(),
     "float": pa.float64(),
 }
@@ -76,6 +77,14 @@ SCHEMAS: dict[str, tuple[Column, ...]] = {
         Column("chosen", "text"),
         Column("rejected", "text"),
         Column("user_id", "id", required=False),
+        # Written by `dprm-ray distill precompute`: one reward per ensemble member, the
+        # reference policy's sequence log-probs, and a reference sample for the KL term.
+        Column("chosen_rewards", "floats", required=False),
+        Column("rejected_rewards", "floats", required=False),
+        Column("ref_chosen_logp", "float", required=False),
+        Column("ref_rejected_logp", "float", required=False),
+        Column("ref_sample", "text", required=False),
+        Column("ref_sample_logp", "float", required=False),
     ),
 }
 
@@ -140,7 +149,7 @@ def _check_value(col: Column, value: Any, num_labels: int | None) -> str | None:
             else (f"'{name}' must be an integer, got {type(value).__name__}")
         )
     if col.kind == "float":
-        if not _is_number(value) or math.isnan(value):
+        if not _is_number(value) or not math.isfinite(value):
             return f"'{name}' must be a number, got {value!r}"
         return None
     if not isinstance(value, list | tuple):
@@ -148,6 +157,9 @@ def _check_value(col: Column, value: Any, num_labels: int | None) -> str | None:
     if col.kind == "str_list":
         bad = [v for v in value if not isinstance(v, str) or not v.strip()]
         return f"'{name}' must hold non-empty strings" if bad else None
+    if col.kind == "floats":
+        bad = [v for v in value if not _is_number(v) or not math.isfinite(v)]
+        return f"'{name}' must hold finite numbers, got {bad[0]!r}" if bad else None
     if col.kind == "votes":
         for v in value:
             if not isinstance(v, int) or isinstance(v, bool):

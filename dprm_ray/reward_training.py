@@ -89,6 +89,10 @@ class TrainRewardConfig:
     optim: OptimConfig = field(default_factory=OptimConfig)
     scale: ScaleConfig = field(default_factory=ScaleConfig)
     seed: int = 0
+    bootstrap: bool = field(
+        default=False,
+        metadata={"help": "train on a resample with replacement (seeded): ensemble members"},
+    )
     checkpoint_every: int = field(default=50, metadata={"help": "steps between checkpoints"})
     resume: bool = field(default=True, metadata={"help": "continue from the latest checkpoint"})
     log_every: int = 10
@@ -201,6 +205,31 @@ def subset(data: RewardData, rows: np.ndarray) -> RewardData:
     )
 
 
+def bootstrap_resample(data: RewardData, by_pairs: bool, seed: int) -> RewardData:
+    """A same-size resample with replacement of the training items (pairs, or rows)."""
+    rng = np.random.default_rng([seed, 0xB007])
+    if by_pairs:
+        assert data.pairs is not None
+        pick = rng.integers(0, len(data.pairs), len(data.pairs))
+        return RewardData(
+            data.prompts,
+            data.responses,
+            data.targets,
+            data.population,
+            data.groups,
+            data.pairs[pick],
+        )
+    rows = rng.integers(0, len(data.prompts), len(data.prompts))
+    return RewardData(
+        [data.prompts[i] for i in rows],
+        [data.responses[i] for i in rows],
+        None if data.targets is None else data.targets[rows],
+        None if data.population is None else data.population[rows],
+        None if data.groups is None else [data.groups[i] for i in rows],
+        None,  # row pairs do not survive duplication; distribution losses do not use them
+    )
+
+
 def split_by_prompt(data: RewardData, fraction: float, seed: int) -> tuple[RewardData, RewardData]:
     """Hold out `fraction` of the prompts (all their responses), deterministically."""
     prompts = sorted(set(data.prompts))
@@ -303,6 +332,8 @@ def train_worker(
         )
     else:
         train, held = split_by_prompt(data, cfg.val_fraction, cfg.seed)
+    if cfg.bootstrap:
+        train = bootstrap_resample(train, is_bt, cfg.seed)
     if not is_bt and train.targets is None:
         raise ValueError(f"{cfg.data}: loss '{cfg.loss.kind}' needs annotations with targets")
     if is_bt and (train.pairs is None or len(train.pairs) == 0):

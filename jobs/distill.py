@@ -1,13 +1,140 @@
-"""`dprm-ray distill`: not built yet; see `--help`."""
+"""`dprm-ray distill`: offline alignment by reward-model distillation.
 
+    dprm-ray distill precompute data=pairs.jsonl out=scored.parquet reward_models=[rm1,rm2,rm3]
+    dprm-ray distill data=scored.parquet loss.kind=edpo loss.gamma=0.1 policy=smollm2
+
+`precompute` scores both responses of every pair with each reward model of an ensemble (a Ray Data
+actor pool), adds the reference policy's sequence log-probs and one reference sample per pair.
+The main command trains the policy (Ray Train workers, DeepSpeed ZeRO 0-3, optional LoRA) with
+dpo, ipo, ddpo (squared distillation of reward differences), edpo (min over the ensemble + gamma *
+forward KL as NLL on reference samples) or pdpo (DPO + the same KL term), all with the same beta.
+Writes `<output_dir>/policy` (a plain HF folder), checkpoints (rerun to resume) and metrics.json
+with held-out diagnostics: preference accuracy, chosen/rejected log-probs, implicit rewards, and
+both KL directions.
+"""
+
+from __future__ import annotations
+
+import json
 import sys
+from dataclasses import dataclass, field
+from pathlib import Path
 
-from jobs.runner import not_built_job, run_job
+from dprm_ray.config import MISSING
+from dprm_ray.distill import DistillConfig
+from jobs.runner import Command, Job, run_job
 
-JOB = not_built_job(
+
+@dataclass
+class PrecomputeConfig:
+    data: str = field(default=MISSING, metadata={"help": "pairs (.parquet, .jsonl, hh-rlhf)"})
+    out: str = field(default=MISSING, metadata={"help": "scored pairs parquet to write"})
+    reward_models: list[str] = field(
+        default_factory=list, metadata={"help": "reward model folders (the ensemble)"}
+    )
+    reference: str = field(default="tiny", metadata={"help": "reference policy spec"})
+    max_length: int = 512
+    sample: bool = field(default=True, metadata={"help": "draw one reference sample per pair"})
+    max_new_tokens: int = 32
+    temperature: float = 1.0
+    seed: int = 0
+    batch_size: int = 16
+    actors: int = field(default=2, metadata={"help": "max actors per scoring stage"})
+    skip_invalid_rows: bool = False
+    address: str = field(default="", metadata={"help": "Ray address ('' = local or job's)"})
+    output_dir: str = "outputs/distill-precompute"
+
+
+def precompute(cfg: PrecomputeConfig) -> dict:
+    import ray
+
+    from actors.scoring import ReferenceScorer, RewardEnsembleScorer
+    from dprm_ray.data import load_rows, write_rows
+
+    loaded = load_rows(cfg.data, kind="pairs", skip_invalid=cfg.skip_invalid_rows)
+    if loaded.skipped:
+        print(f"skipped {len(loaded.skipped)} invalid rows; first: {loaded.skipped[0]}")
+    base = ("prompt", "chosen", "rejected", "user_id")
+    items = [
+        {"row_index": i, **{k: v for k, v in row.items() if k in base}}
+        for i, row in enumerate(loaded.rows)
+    ]
+    ray.init(address=cfg.address or None, ignore_reinit_error=True)
+    ds = ray.data.from_items(items)
+    common = {
+        "batch_size": cfg.batch_size,
+        "batch_format": "pandas",
+        "concurrency": (1, cfg.actors),
+    }
+    if cfg.reward_models:
+        dirs = [str(Path(d).resolve()) for d in cfg.reward_models]
+        ds = ds.map_batches(
+            RewardEnsembleScorer,
+            fn_constructor_kwargs={"model_dirs": dirs, "max_length": cfg.max_length},
+            **common,
+        )
+    ds = ds.map_batches(
+        ReferenceScorer,
+        fn_constructor_kwargs={
+            "reference": cfg.reference,
+            "max_length": cfg.max_length,
+            "sample": cfg.sample,
+            "max_new_tokens": cfg.max_new_tokens,
+            "temperature": cfg.temperature,
+            "seed": cfg.seed,
+        },
+        **common,
+    )
+    rows = sorted(ds.take_all(), key=lambda r: r["row_index"])
+    out_rows = []
+    for row in rows:
+        row.pop("row_index")
+        for key in ("chosen_rewards", "rejected_rewards"):
+            if key in row:
+                row[key] = [float(x) for x in row[key]]
+        out_rows.append({k: v for k, v in row.items() if v is not None})
+    write_rows(cfg.out, out_rows, "pairs")
+    print(f"wrote {cfg.out}: {len(out_rows)} pairs, {len(cfg.reward_models)} reward models")
+    return {"out": cfg.out, "pairs": len(out_rows), "ensemble_size": len(cfg.reward_models)}
+
+
+def _distill_loop(config: dict) -> None:
+    from jobs.ray_train import worker_setup
+
+    worker_setup(config)
+    import ray.train
+    from omegaconf import OmegaConf
+
+    from dprm_ray.distill import distill_worker
+    from dprm_ray.training import write_metrics
+
+    cfg = OmegaConf.merge(OmegaConf.structured(DistillConfig), config)
+    metrics = distill_worker(cfg, report=ray.train.report)
+    if ray.train.get_context().get_world_rank() == 0:
+        write_metrics(Path(cfg.output_dir) / "train_metrics.json", metrics)
+
+
+def train(cfg: DistillConfig) -> dict:
+    from jobs.ray_train import absolute_config, fit
+
+    plain = absolute_config(cfg, ("data", "eval_data"))
+    metrics = fit(_distill_loop, plain, "distill")
+    print(json.dumps({k: v for k, v in metrics.items() if k != "history"}, indent=2))
+    return {**metrics, "policy": str(Path(plain["output_dir"]) / "policy")}
+
+
+JOB = Job(
     "distill",
     "Offline alignment by reward-model distillation (d-DPO, e-DPO, p-DPO, DPO, IPO).",
-    "tracked in issue #6 (robust offline alignment)",
+    (
+        Command("", __doc__.strip(), DistillConfig, train),
+        Command(
+            "precompute",
+            "Score pairs with a reward-model ensemble and the reference policy (Ray Data pool).",
+            PrecomputeConfig,
+            precompute,
+        ),
+    ),
 )
 
 

@@ -18,13 +18,11 @@ from jobs.runner import Command, Job, run_job
 
 def _train_loop(config: dict) -> None:
     """Runs on each Ray Train worker: rebuild the typed config, train, report."""
-    import os
+    from jobs.ray_train import worker_setup
 
-    from omegaconf import OmegaConf
-
-    if not config["scale"]["use_gpu"]:
-        os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    worker_setup(config)
     import ray.train
+    from omegaconf import OmegaConf
 
     from dprm_ray.reward_training import train_worker
     from dprm_ray.training import write_metrics
@@ -36,37 +34,12 @@ def _train_loop(config: dict) -> None:
 
 
 def run(cfg: TrainRewardConfig) -> dict:
-    import ray
-    from omegaconf import OmegaConf
-    from ray.train import FailureConfig, RunConfig, ScalingConfig
-    from ray.train.torch import TorchConfig, TorchTrainer
+    from jobs.ray_train import absolute_config, fit
 
-    out_dir = Path(cfg.output_dir).resolve()
-    plain = OmegaConf.to_container(cfg, resolve=True)
-    plain["output_dir"] = str(out_dir)  # workers may start in another directory
-    for key in ("data", "eval_data"):
-        if plain[key]:
-            plain[key] = str(Path(plain[key]).resolve())
-    ray.init(address=cfg.scale.address or None, ignore_reinit_error=True, log_to_driver=True)
-    trainer = TorchTrainer(
-        _train_loop,
-        train_loop_config=plain,
-        scaling_config=ScalingConfig(
-            num_workers=cfg.scale.num_workers,
-            use_gpu=cfg.scale.use_gpu,
-            resources_per_worker={"CPU": cfg.scale.cpus_per_worker},
-        ),
-        torch_config=TorchConfig(backend="nccl" if cfg.scale.use_gpu else "gloo"),
-        run_config=RunConfig(
-            name="train-reward",
-            storage_path=str(out_dir / "ray"),
-            failure_config=FailureConfig(max_failures=cfg.scale.max_failures),
-        ),
-    )
-    trainer.fit()
-    metrics = json.loads((out_dir / "train_metrics.json").read_text())
+    plain = absolute_config(cfg, ("data", "eval_data"))
+    metrics = fit(_train_loop, plain, "train-reward")
     print(json.dumps(metrics, indent=2, sort_keys=True))
-    return {**metrics, "model": str(out_dir / "model")}
+    return {**metrics, "model": str(Path(plain["output_dir"]) / "model")}
 
 
 JOB = Job(
