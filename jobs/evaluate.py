@@ -29,14 +29,29 @@ class EvaluateRewardConfig:
 
 def evaluate_reward(cfg: EvaluateRewardConfig) -> dict:
     from dprm_ray.labels import get_label_space
-    from dprm_ray.reward_models import DistributionalRewardModel, load_reward_model
+    from dprm_ray.reward_models import (
+        DistributionalRewardModel,
+        cached_embeddings,
+        load_reward_model,
+    )
     from dprm_ray.reward_training import TargetConfig, evaluate, load_reward_data, predict
 
-    model, tokenizer = load_reward_model(cfg.model)
+    model, tokenizer = load_reward_model(cfg.model, with_backbone=False)
     is_dprm = isinstance(model, DistributionalRewardModel)
     space = model.label_space if is_dprm else get_label_space(cfg.label_space)
     data = load_reward_data(cfg.data, space, TargetConfig(), cfg.skip_invalid_rows)
-    pred = predict(model, tokenizer, data, max_length=cfg.max_length, batch_size=cfg.batch_size)
+    embeddings = None
+    if model.freeze_backbone:
+        # A frozen backbone's features are cached on disk (shared with training and sweeps).
+        kind = "causal-lm" if model.pooling == "last" else "encoder"
+        embeddings = cached_embeddings(
+            model.backbone_spec, data.prompts, data.responses, cfg.max_length, backbone_kind=kind
+        )
+    else:
+        model, tokenizer = load_reward_model(cfg.model)
+    pred = predict(
+        model, tokenizer, data, embeddings, max_length=cfg.max_length, batch_size=cfg.batch_size
+    )
     metrics = evaluate(pred, data, space)
     print(f"{cfg.model} on {cfg.data} ({len(data.prompts)} responses):")
     for key, value in sorted(metrics.items()):

@@ -36,3 +36,38 @@ def test_evaluate_refuses_bad_rows_naming_them(tmp_path):
     )
     assert proc.returncode == 1
     assert f"{HH_RLHF}:317: empty text in 'chosen'" in proc.stderr
+
+
+def test_frozen_backbone_evaluation_from_cached_features_equals_raw_text_scoring(tmp_path):
+    import numpy as np
+    import torch
+
+    from dprm_ray.data import load_rows
+    from dprm_ray.reward_eval import pairwise_accuracy
+    from dprm_ray.reward_models import load_reward_model
+    from dprm_ray.reward_training import RewardData, predict
+
+    torch.manual_seed(0)
+    model, tok = build_reward_model(
+        "bradley-terry", "tiny-encoder:0", backbone_kind="encoder", cached_embeddings=True
+    )
+    with torch.no_grad():
+        model.head.weight.normal_()
+    model.save(tmp_path / "bt")
+    proc = run_cli(
+        "evaluate",
+        "reward",
+        f"model={tmp_path / 'bt'}",
+        f"data={HH_RLHF}",
+        "skip_invalid_rows=true",
+        "max_length=64",
+        f"output_dir={tmp_path / 'out'}",
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    got = json.loads((tmp_path / "out" / "metrics.json").read_text())["pairwise_accuracy"]
+    rows = load_rows(HH_RLHF, skip_invalid=True).rows
+    full, tok = load_reward_model(tmp_path / "bt")  # with its backbone: raw text in
+    prompts = [r["prompt"] for r in rows]
+    chosen = predict(full, tok, RewardData(prompts, [r["chosen"] for r in rows]), max_length=64)
+    rejected = predict(full, tok, RewardData(prompts, [r["rejected"] for r in rows]), max_length=64)
+    assert np.isclose(got, pairwise_accuracy(chosen["expected"], rejected["expected"]))
