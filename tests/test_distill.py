@@ -106,3 +106,27 @@ def test_precompute_with_an_ensemble_then_distill_with_deepspeed(tmp_path):
     assert {"ensemble_member", "reference_nll", "logp_chosen"} <= set(metrics["history"][0])
     policy, _ = load_model(str(out / "policy"))
     assert policy.config.model_type == "llama"
+
+
+def test_lora_policy_trains_adapters_only_and_saves_merged(tmp_path):
+    from omegaconf import OmegaConf
+
+    from dprm_ray.distill import DistillConfig, build_policy, save_policy
+
+    cfg = OmegaConf.merge(
+        OmegaConf.structured(DistillConfig),
+        {"data": "x", "policy": "tiny:2", "lora": {"enabled": True}},
+    )
+    model, tok = build_policy(cfg)
+    trainable = [n for n, p in model.named_parameters() if p.requires_grad]
+    assert trainable and all("lora_" in n for n in trainable)
+    with torch.no_grad():  # move the adapters so the merge matters
+        for n, p in model.named_parameters():
+            if "lora_B" in n:
+                p.normal_()
+    ids = tok("some text", return_tensors="pt")["input_ids"]
+    want = model(ids).logits
+    save_policy(model, tok, tmp_path / "policy")
+    merged, _ = load_model(str(tmp_path / "policy"))
+    assert not any("lora" in n for n, _ in merged.named_parameters())
+    assert torch.allclose(merged(ids).logits, want, atol=1e-4)
