@@ -98,27 +98,12 @@ def precompute(cfg: PrecomputeConfig) -> dict:
     return {"out": cfg.out, "pairs": len(out_rows), "ensemble_size": len(cfg.reward_models)}
 
 
-def _distill_loop(config: dict) -> None:
-    from jobs.ray_train import worker_setup
-
-    worker_setup(config)
-    import ray.train
-    from omegaconf import OmegaConf
-
-    from dprm_ray.distill import distill_worker
-    from dprm_ray.training import write_metrics
-
-    cfg = OmegaConf.merge(OmegaConf.structured(DistillConfig), config)
-    metrics = distill_worker(cfg, report=ray.train.report)
-    if ray.train.get_context().get_world_rank() == 0:
-        write_metrics(Path(cfg.output_dir) / "train_metrics.json", metrics)
-
-
 def train(cfg: DistillConfig) -> dict:
+    from dprm_ray.distill import distill_worker
     from jobs.ray_train import absolute_config, fit
 
     plain = absolute_config(cfg, ("data", "eval_data"))
-    metrics = fit(_distill_loop, plain, "distill")
+    metrics = fit(DistillConfig, distill_worker, plain, "distill")
     print(json.dumps({k: v for k, v in metrics.items() if k != "history"}, indent=2))
     return {**metrics, "policy": str(Path(plain["output_dir"]) / "policy")}
 

@@ -21,16 +21,27 @@ def absolute_config(cfg: Any, path_keys: tuple[str, ...]) -> dict:
     return plain
 
 
-def worker_setup(config: dict) -> None:
-    """Run first on each worker: DeepSpeed must know it is on CPU before it is imported."""
+def _worker_loop(schema: type, worker: Callable[..., dict], config: dict) -> None:
+    """Runs on each Ray Train worker: typed config back, train, rank 0 writes the metrics."""
     import os
 
     if not config["scale"]["use_gpu"]:
-        os.environ.setdefault("DS_ACCELERATOR", "cpu")
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")  # before DeepSpeed is first imported
+    import ray.train
+    from omegaconf import OmegaConf
+
+    from dprm_ray.training import write_metrics
+
+    cfg = OmegaConf.merge(OmegaConf.structured(schema), config)
+    metrics = worker(cfg, report=ray.train.report)
+    if ray.train.get_context().get_world_rank() == 0:
+        write_metrics(Path(cfg.output_dir) / "train_metrics.json", metrics)
 
 
-def fit(loop: Callable[[dict], None], plain: dict, name: str) -> dict:
-    """Run `loop` on `scale.num_workers` workers; rank 0 writes <output_dir>/train_metrics.json."""
+def fit(schema: type, worker: Callable[..., dict], plain: dict, name: str) -> dict:
+    """Run `worker(cfg, report)` on `scale.num_workers` Ray Train workers; the final metrics."""
+    import functools
+
     import ray
     from ray.train import FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
@@ -39,7 +50,7 @@ def fit(loop: Callable[[dict], None], plain: dict, name: str) -> dict:
     out_dir = Path(plain["output_dir"])
     ray.init(address=scale["address"] or None, ignore_reinit_error=True)
     trainer = TorchTrainer(
-        loop,
+        functools.partial(_worker_loop, schema, worker),
         train_loop_config=plain,
         scaling_config=ScalingConfig(
             num_workers=scale["num_workers"],

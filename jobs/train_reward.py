@@ -16,28 +16,12 @@ from dprm_ray.reward_training import TrainRewardConfig
 from jobs.runner import Command, Job, run_job
 
 
-def _train_loop(config: dict) -> None:
-    """Runs on each Ray Train worker: rebuild the typed config, train, report."""
-    from jobs.ray_train import worker_setup
-
-    worker_setup(config)
-    import ray.train
-    from omegaconf import OmegaConf
-
-    from dprm_ray.reward_training import train_worker
-    from dprm_ray.training import write_metrics
-
-    cfg = OmegaConf.merge(OmegaConf.structured(TrainRewardConfig), config)
-    metrics = train_worker(cfg, report=ray.train.report)
-    if ray.train.get_context().get_world_rank() == 0:
-        write_metrics(Path(cfg.output_dir) / "train_metrics.json", metrics)
-
-
 def run(cfg: TrainRewardConfig) -> dict:
+    from dprm_ray.reward_training import train_worker
     from jobs.ray_train import absolute_config, fit
 
     plain = absolute_config(cfg, ("data", "eval_data"))
-    metrics = fit(_train_loop, plain, "train-reward")
+    metrics = fit(TrainRewardConfig, train_worker, plain, "train-reward")
     print(json.dumps(metrics, indent=2, sort_keys=True))
     return {**metrics, "model": str(Path(plain["output_dir"]) / "model")}
 
