@@ -95,6 +95,84 @@ def persona_crowd(cfg: PersonaCrowdConfig) -> dict:
     return {"out": cfg.out, "rows": len(rows), "behaviours": len(groups), "users": cfg.users}
 
 
+@dataclass
+class PersonaUsersConfig:
+    persona_dir: str = field(
+        default="../shared/data/persona", metadata={"help": "folder of persona statement .jsonl"}
+    )
+    out_dir: str = field(
+        default=MISSING,
+        metadata={"help": "writes train / test_seen / unseen_adapt / unseen_test .parquet here"},
+    )
+    seed: int = 0
+    behaviours: list[str] = field(
+        default_factory=list, metadata={"help": "behaviour file stems (empty: all)"}
+    )
+    max_per_behaviour: int | None = field(
+        default=None, metadata={"help": "statements per behaviour (None: all)"}
+    )
+    seen_users: int = field(default=40, metadata={"help": "users in train.parquet"})
+    unseen_users: int = field(default=20, metadata={"help": "users held out for adaptation"})
+    train_per_user: int = field(default=100, metadata={"help": "comparisons per seen user"})
+    test_per_user: int = field(
+        default=50, metadata={"help": "test comparisons per user (seen and unseen)"}
+    )
+    adapt_per_user: int = field(
+        default=100, metadata={"help": "adaptation comparisons per unseen user"}
+    )
+    test_fraction: float = field(
+        default=0.25, metadata={"help": "share of each behaviour's statements kept for testing"}
+    )
+    num_types: int = field(
+        default=4, metadata={"help": "latent user types shared across behaviours (0: none)"}
+    )
+    type_fidelity: float = field(
+        default=0.9, metadata={"help": "chance a user takes its type's stance on a behaviour"}
+    )
+    output_dir: str = "outputs/data-persona-users"
+
+
+def persona_users(cfg: PersonaUsersConfig) -> dict:
+    import json
+    from pathlib import Path
+
+    from dprm_ray.data import write_rows, write_text
+    from dprm_ray.persona_users import SPLITS, build_persona_users, describe_users
+
+    try:
+        data = build_persona_users(
+            cfg.persona_dir,
+            seed=cfg.seed,
+            seen_users=cfg.seen_users,
+            unseen_users=cfg.unseen_users,
+            train_per_user=cfg.train_per_user,
+            test_per_user=cfg.test_per_user,
+            adapt_per_user=cfg.adapt_per_user,
+            behaviours=list(cfg.behaviours) or None,
+            max_per_behaviour=cfg.max_per_behaviour,
+            test_fraction=cfg.test_fraction,
+            num_types=cfg.num_types,
+            type_fidelity=cfg.type_fidelity,
+        )
+    except ValueError as exc:  # bad counts or fractions: a config problem
+        print(f"dprm-ray data persona-users: config error: {exc}", file=sys.stderr)
+        raise SystemExit(2) from None
+    out = Path(cfg.out_dir)
+    metrics: dict = {"out_dir": str(out), "behaviours": len(data.population.behaviours)}
+    for split in SPLITS:
+        rows = [c.as_pair() for c in data.splits[split]]
+        metrics[f"{split}_rows"] = len(rows)
+        if rows:  # an empty split (e.g. unseen_users=0) writes no file
+            write_rows(out / f"{split}.parquet", rows, "pairs")
+            # The share of labels that follow the user's noise-free utility: the best accuracy
+            # a model can expect.
+            metrics[f"{split}_oracle_accuracy"] = round(data.oracle_accuracy(split), 4)
+            print(f"wrote {out / f'{split}.parquet'}: {len(rows)} comparisons")
+    write_text(out / "users.json", json.dumps(describe_users(data), indent=1) + "\n")
+    metrics.update(seen_users=cfg.seen_users, unseen_users=cfg.unseen_users)
+    return metrics
+
+
 JOB = Job(
     "data",
     "Validate data files (parquet or JSONL, hh-rlhf transcripts too) and build data sets.",
@@ -112,6 +190,14 @@ JOB = Job(
             "of users with heterogeneous stances (see the README for the generative model).",
             PersonaCrowdConfig,
             persona_crowd,
+        ),
+        Command(
+            "persona-users",
+            "Build per-user pairwise preferences (PAL data) from the same simulated persona\n"
+            "population: seen users' train/test comparisons and unseen users' adaptation/test\n"
+            "comparisons, on disjoint statements (see dprm_ray/persona_users.py).",
+            PersonaUsersConfig,
+            persona_users,
         ),
     ),
 )

@@ -19,6 +19,9 @@ class EvaluateRewardConfig:
     label_space: Any = field(
         default="hh6", metadata={"help": "for targets scored by a Bradley-Terry model"}
     )
+    user: str = field(
+        default="mixture", metadata={"help": "PAL models: a user id, or mixture (population)"}
+    )
     max_length: int = 256
     batch_size: int = 32
     skip_invalid_rows: bool = field(
@@ -29,6 +32,7 @@ class EvaluateRewardConfig:
 
 def evaluate_reward(cfg: EvaluateRewardConfig) -> dict:
     from dprm_ray.labels import get_label_space
+    from dprm_ray.pal import is_pal_dir
     from dprm_ray.reward_models import (
         DistributionalRewardModel,
         cached_embeddings,
@@ -36,6 +40,8 @@ def evaluate_reward(cfg: EvaluateRewardConfig) -> dict:
     )
     from dprm_ray.reward_training import TargetConfig, evaluate, load_reward_data, predict
 
+    if is_pal_dir(cfg.model):
+        return _evaluate_pal(cfg)
     model, tokenizer = load_reward_model(cfg.model, with_backbone=False)
     is_dprm = isinstance(model, DistributionalRewardModel)
     space = model.label_space if is_dprm else get_label_space(cfg.label_space)
@@ -59,6 +65,22 @@ def evaluate_reward(cfg: EvaluateRewardConfig) -> dict:
     return {"model": cfg.model, "data": cfg.data, "model_type": model.kind, **metrics}
 
 
+def _evaluate_pal(cfg: EvaluateRewardConfig) -> dict:
+    """A PAL model scores as one user's reward (or the population mixture's)."""
+    from dprm_ray.labels import get_label_space
+    from dprm_ray.pal import PALReward
+    from dprm_ray.reward_training import TargetConfig, evaluate, load_reward_data
+
+    space = get_label_space(cfg.label_space)
+    data = load_reward_data(cfg.data, space, TargetConfig(), cfg.skip_invalid_rows)
+    reward = PALReward(cfg.model, user=cfg.user, batch_size=cfg.batch_size)
+    metrics = evaluate({"expected": reward(data.prompts, data.responses)}, data, space)
+    print(f"{cfg.model} (PAL, user {cfg.user}) on {cfg.data}:")
+    for key, value in sorted(metrics.items()):
+        print(f"  {key:<20} {value:.4f}")
+    return {"model": cfg.model, "data": cfg.data, "model_type": "pal", "user": cfg.user, **metrics}
+
+
 JOB = Job(
     "evaluate",
     "Evaluate reward models: W1, CE, calibration, Spearman, pairwise accuracy.",
@@ -69,7 +91,8 @@ JOB = Job(
             "CE to the target (and to the population distribution when present), ECE of the top\n"
             "category, Spearman between expected reward and the target's expected score, and\n"
             "pairwise accuracy between responses to the same prompt. Pairs (parquet or hh-rlhf\n"
-            "JSONL): pairwise accuracy of the (expected) reward.",
+            "JSONL): pairwise accuracy of the (expected) reward. PAL folders score as one user's\n"
+            "reward (user=ID) or the population mixture (user=mixture).",
             EvaluateRewardConfig,
             evaluate_reward,
         ),

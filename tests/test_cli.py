@@ -5,7 +5,7 @@ from conftest import run_cli
 
 from jobs.cli import JOB_NAMES
 
-BUILT = {"models", "data", "quickstart", "train-reward", "evaluate", "distill"}
+BUILT = {"models", "data", "quickstart", "train-reward", "evaluate", "distill", "train-pal"}
 
 
 def test_top_level_help_lists_every_job():

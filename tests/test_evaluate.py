@@ -71,3 +71,43 @@ def test_frozen_backbone_evaluation_from_cached_features_equals_raw_text_scoring
     chosen = predict(full, tok, RewardData(prompts, [r["chosen"] for r in rows]), max_length=64)
     rejected = predict(full, tok, RewardData(prompts, [r["rejected"] for r in rows]), max_length=64)
     assert np.isclose(got, pairwise_accuracy(chosen["expected"], rejected["expected"]))
+
+
+def test_evaluate_scores_a_pal_model_as_a_users_reward(tmp_path):
+    import numpy as np
+    import torch
+
+    from dprm_ray.data import load_rows
+    from dprm_ray.pal import PALConfig, PALReward, build_pal_model, save_pal
+    from dprm_ray.reward_eval import pairwise_accuracy
+
+    config = PALConfig(
+        variant="pal-b",
+        input_dim=32,
+        num_prototypes=2,
+        hidden_size=16,
+        pref_dim=8,
+        backbone="tiny-encoder:0",
+        max_length=64,
+        user_ids=["user-0", "user-1"],
+    )
+    torch.manual_seed(0)
+    save_pal(build_pal_model(config, seed=0), tmp_path / "pal")
+    proc = run_cli(
+        "evaluate",
+        "reward",
+        f"model={tmp_path / 'pal'}",
+        f"data={HH_RLHF}",
+        "user=user-1",
+        "skip_invalid_rows=true",
+        f"output_dir={tmp_path / 'out'}",
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    metrics = json.loads((tmp_path / "out" / "metrics.json").read_text())
+    rows = load_rows(HH_RLHF, skip_invalid=True).rows
+    reward = PALReward(tmp_path / "pal", user="user-1")
+    prompts = [r["prompt"] for r in rows]
+    want = pairwise_accuracy(
+        reward(prompts, [r["chosen"] for r in rows]), reward(prompts, [r["rejected"] for r in rows])
+    )
+    assert metrics["model_type"] == "pal" and np.isclose(metrics["pairwise_accuracy"], want)
