@@ -26,27 +26,16 @@ from __future__ import annotations
 
 import argparse
 import json
-import subprocess
 import sys
 import time
 from pathlib import Path
 
 import numpy as np
+from project_jobs import REPO, job
 
-REPO = Path(__file__).resolve().parents[1]
 HH_RLHF = REPO.parent / "shared" / "data" / "hh-rlhf" / "harmless-base-dev.jsonl"
 RHOS = (0.2, 0.5, 0.8)
 METHODS = {"DPO": ["loss.kind=dpo"], "e-DPO": ["loss.kind=edpo"], "d-DPO": ["loss.kind=ddpo"]}
-
-
-def job(*args: str) -> float:
-    start = time.perf_counter()
-    proc = subprocess.run(
-        [sys.executable, "-m", "jobs.cli", *args], cwd=REPO, capture_output=True, text=True
-    )
-    if proc.returncode != 0:
-        sys.exit(f"job failed: dprm-ray {' '.join(args)}\n{proc.stderr[-4000:]}")
-    return time.perf_counter() - start
 
 
 def oracle_scores(model_dir: Path, prompts: list[str], responses: list[str], max_length: int):

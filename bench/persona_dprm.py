@@ -18,19 +18,15 @@ from __future__ import annotations
 
 import argparse
 import json
-import subprocess
-import sys
-import time
-from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
+from project_jobs import REPO, job
 
 from dprm_ray.reward_eval import cross_entropy, w1_on_line
 
-REPO = Path(__file__).resolve().parents[1]
 PERSONA_DIR = REPO.parent / "shared" / "data" / "persona"
 
 # A mix of topics: contested (politics, religion), AI-risk, personality, ethics.
@@ -64,17 +60,6 @@ MODELS = {
     "DPRM_OT (ot, score metric)": ["loss.kind=ot"],
     "BT (pairs)": ["loss.kind=bt"],
 }
-
-
-def job(*args: str) -> float:
-    """Run one project job as a subprocess; returns its wall time; exits on failure."""
-    start = time.perf_counter()
-    proc = subprocess.run(
-        [sys.executable, "-m", "jobs.cli", *args], cwd=REPO, capture_output=True, text=True
-    )
-    if proc.returncode != 0:
-        sys.exit(f"job failed: dprm-ray {' '.join(args)}\n{proc.stderr[-4000:]}")
-    return time.perf_counter() - start
 
 
 def main() -> None:
