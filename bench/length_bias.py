@@ -238,11 +238,16 @@ def main() -> None:
                 "win_rate": win,
                 "length": length,
                 "logp_chosen": [h["logp_chosen"] for h in hist],
+                "implicit_reward_abs": metrics["implicit_reward_abs"],
+                "preference_accuracy": metrics["preference_accuracy"],
             }
         )
-        print(f"| {rho} | {name} | {win:.2f} | {length:.0f} | {trend} |")
+        print(
+            f"| {rho} | {name} | {win:.2f} | {length:.0f} | {trend} "
+            f"| {metrics['implicit_reward_abs']:.2f} | {metrics['preference_accuracy']:.2f} |"
+        )
     ref_len = float(np.mean([len(t) for t in gen["reference"]]))
-    print(f"| | reference | 0.50 | {ref_len:.0f} | |")
+    print(f"| | reference | 0.50 | {ref_len:.0f} | | | |")
     print("\ntimings (s): " + ", ".join(f"{k} {v:.0f}" for k, v in timings.items()))
     (out / "results.json").write_text(
         json.dumps({"table": table, "timings": timings, "reference_length": ref_len}, indent=2)
