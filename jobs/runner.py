@@ -147,6 +147,9 @@ def run_job(job: Job, argv: Sequence[str] | None = None) -> int:
     start = time.perf_counter()
     try:
         metrics = command.run(cfg) or {}
+    except ConfigError as exc:  # found only once the job looks at files or models
+        print(f"{prog}: config error: {exc}", file=sys.stderr)
+        return EXIT_CONFIG
     except (DataError, ModelError, FileNotFoundError) as exc:
         print(f"{prog}: {exc}", file=sys.stderr)
         return EXIT_FAILED

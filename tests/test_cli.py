@@ -5,7 +5,16 @@ from conftest import run_cli
 
 from jobs.cli import JOB_NAMES
 
-BUILT = {"models", "data", "quickstart", "train-reward", "evaluate", "distill", "train-pal"}
+BUILT = {
+    "models",
+    "data",
+    "quickstart",
+    "train-reward",
+    "evaluate",
+    "distill",
+    "train-pal",
+    "annotate",
+}
 
 
 def test_top_level_help_lists_every_job():

