@@ -49,17 +49,17 @@ DEFAULT_RUBRICS = {
 }
 GENERIC_RUBRIC = "Choose the option that best describes the assistant's last response."
 
+# The item (rubric, conversation, options) comes first and the persona last, so that all the
+# prompts of one item share a long prefix that vLLM's prefix cache computes once.
 DEFAULT_TEMPLATE = (
-    "{persona}{rubric}\n\n"
+    "{rubric}\n\n"
     "Conversation:\n{prompt}\n\n"
     "Assistant's last response:\n{response}\n\n"
     "Options:\n{options}\n\n"
-    "Reply with the number of one option.\n"
+    "{persona}Reply with the number of one option.\n"
     "Answer: "
 )
-DEFAULT_PERSONA_TEMPLATE = (
-    "You are {name}: {description}\nJudge the response the way this person would.\n\n"
-)
+DEFAULT_PERSONA_TEMPLATE = "Judge the response the way {name} would, who {description}\n"
 
 
 @dataclass(frozen=True)

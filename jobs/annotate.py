@@ -15,6 +15,7 @@ an optional forgetting factor and the shift of the targets is reported.
 
 from __future__ import annotations
 
+import math
 import sys
 import time
 import uuid
@@ -200,6 +201,10 @@ def annotate(cfg: AnnotateConfig) -> dict:
         parts.mkdir(parents=True, exist_ok=True)
         ds = ray.data.read_parquet(str(Path(cfg.input).resolve()), columns=["prompt", "response"])
         ds = ds.map_batches(_pending, fn_kwargs={"done": done}, batch_format="pandas")
+        # One block per part file: small blocks let finished work reach disk (and survive a
+        # kill) while the rest is still being judged; at most ~1000 parts however big the input.
+        rows_per_block = max(cfg.pool.batch_size, math.ceil(pending / 1000))
+        ds = ds.repartition(math.ceil(pending / rows_per_block))
         ds = ds.map_batches(
             PersonaAnnotator,
             fn_constructor_kwargs={

@@ -1,0 +1,228 @@
+"""`dprm-ray annotate` end to end: a real local Ray cluster, real parquet files, real judges."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+from conftest import REPO, run_cli
+
+from dprm_ray.crowd import aggregate
+from dprm_ray.data import load_rows, write_rows
+from dprm_ray.judge import JudgeConfig, PersonaJudge, row_key
+
+
+def rows_file(path, n, planted=True):
+    rows = [
+        {"prompt": f"Human: question number {i}?", "response": f"Here is answer {i}."}
+        for i in range(n)
+    ]
+    if planted:
+        rows[3]["prompt"] = ""  # empty prompt
+        rows[4]["response"] = "  "  # empty response
+        rows[5]["response"] = "word " * 2000  # over-long even after truncation
+        rows[7] = dict(rows[6])  # a duplicate
+    pq.write_table(pa.Table.from_pylist(rows), path)
+    return rows
+
+
+def annotate_args(tmp_path, inp, *extra):
+    return (
+        "annotate",
+        f"input={inp}",
+        f"output={tmp_path / 'ann.parquet'}",
+        "judge.model=tiny",
+        "judge.personas_per_item=3",
+        "judge.max_tokens=1500",
+        f"output_dir={tmp_path / 'run'}",
+        *extra,
+    )
+
+
+def test_annotate_writes_valid_rows_rejects_and_skips_on_rerun(tmp_path):
+    inp = tmp_path / "in.parquet"
+    rows = rows_file(inp, 24)
+    proc = run_cli(*annotate_args(tmp_path, inp, "pool.batch_size=4"))
+    assert proc.returncode == 0, proc.stderr
+    out = load_rows(tmp_path / "ann.parquet", kind="annotations", num_labels=6).rows
+    assert len(out) == 20  # 24 rows - 3 rejects - 1 duplicate
+    for row in out:
+        for key in ("prior", "posterior", "target"):
+            assert abs(sum(row[key]) - 1) < 1e-6
+        assert len(row["votes"]) == len(row["persona_ids"]) == 3
+        assert row["judge"] == "transformers:tiny"
+    assert [r["prompt"] for r in out] == [
+        r["prompt"] for i, r in enumerate(rows) if i not in (3, 4, 5, 7)
+    ]  # input order
+    rejects = pq.read_table(tmp_path / "ann.rejects.parquet").to_pylist()
+    reasons = {r["row_key"]: r["reason"] for r in rejects}
+    assert reasons[row_key("", rows[3]["response"])] == "empty prompt"
+    assert reasons[row_key(rows[4]["prompt"], "  ")] == "empty response"
+    assert "judge.max_tokens=1500" in reasons[row_key(rows[5]["prompt"], rows[5]["response"])]
+    metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    assert (metrics["processed"], metrics["rejected"], metrics["skipped"]) == (20, 3, 0)
+    assert metrics["duplicates"] == 1
+    assert "processed 20, rejected 3, skipped 0" in proc.stdout
+    assert not (tmp_path / "ann.parquet.parts").exists()
+
+    before = pq.read_table(tmp_path / "ann.parquet")
+    again = run_cli(*annotate_args(tmp_path, inp))
+    assert again.returncode == 0, again.stderr
+    assert "processed 0, rejected 0, skipped 23" in again.stdout
+    assert pq.read_table(tmp_path / "ann.parquet").equals(before)
+
+
+def test_bad_input_and_config_fail_naming_the_problem(tmp_path):
+    inp = tmp_path / "in.parquet"
+    pq.write_table(pa.table({"prompt": ["a"], "text": ["b"]}), inp)
+    proc = run_cli(*annotate_args(tmp_path, inp))
+    assert proc.returncode == 1 and "missing column(s) response" in proc.stderr
+    proc = run_cli(*annotate_args(tmp_path, inp, "judge.vote=majority"))
+    assert proc.returncode == 2 and "judge.vote" in proc.stderr
+
+
+@pytest.mark.slow
+def test_resume_after_kill_gives_exactly_one_row_per_input_row(tmp_path):
+    inp = tmp_path / "in.parquet"
+    rows = rows_file(inp, 160)
+    args = annotate_args(tmp_path, inp, "pool.batch_size=2", "pool.max_actors=1")
+    args = [a if a != "judge.personas_per_item=3" else "judge.personas_per_item=0" for a in args]
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "jobs.cli", *args],
+        cwd=REPO,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
+    parts = tmp_path / "ann.parquet.parts"
+    deadline = time.time() + 300
+    while len(list(parts.glob("part-*.parquet"))) < 3:
+        assert proc.poll() is None and time.time() < deadline, "the job ended before the kill"
+        time.sleep(0.2)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert not (tmp_path / "ann.parquet").exists()
+
+    resumed = run_cli(*args)
+    assert resumed.returncode == 0, resumed.stderr
+    metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    assert metrics["skipped"] >= 6  # the parts written before the kill were kept
+    out = pq.read_table(tmp_path / "ann.parquet").column("row_key").to_pylist()
+    rejected = pq.read_table(tmp_path / "ann.rejects.parquet").column("row_key").to_pylist()
+    expected = {row_key(r["prompt"], r["response"]) for r in rows}
+    assert len(out) == len(set(out)) and len(rejected) == len(set(rejected))
+    assert set(out) | set(rejected) == expected and not set(out) & set(rejected)
+    assert len(out) + len(rejected) == len(rows) - 1  # the one duplicate
+
+
+@pytest.mark.slow
+def test_smollm2_judges_with_transformers_and_vllm_agree(tmp_path):
+    inp = tmp_path / "in.parquet"
+    rows_file(inp, 4, planted=False)
+    common = ["judge.model=smollm2", "judge.personas_per_item=2", "judge.max_tokens=1024"]
+    priors = {}
+    for backend in ("transformers", "vllm"):
+        out = tmp_path / f"{backend}.parquet"
+        proc = run_cli(
+            "annotate",
+            f"input={inp}",
+            f"output={out}",
+            f"judge.backend={backend}",
+            *common,
+            "pool.max_actors=1",
+            f"output_dir={tmp_path / backend}",
+            timeout=900,
+        )
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        loaded = load_rows(out, kind="annotations", num_labels=6).rows
+        assert len(loaded) == 4 and all(len(r["votes"]) == 2 for r in loaded)
+        assert {r["judge"] for r in loaded} == {f"{backend}:smollm2"}
+        priors[backend] = np.array([r["prior"] for r in loaded])
+    np.testing.assert_allclose(priors["vllm"], priors["transformers"], atol=1e-3)
+
+
+def test_update_adds_a_new_persona_sets_votes_and_human_votes(tmp_path):
+    rows = [
+        {"prompt": "Human: How do I bake bread?", "response": "Mix flour and water; bake."},
+        {"prompt": "Human: Tell me a joke.", "response": "Why did the chicken cross the road?"},
+    ]
+    catalogs = {}
+    for name, ids in (("a", "abc"), ("b", "def")):
+        path = tmp_path / f"{name}.yaml"
+        entries = "".join(
+            f"  - {{id: {i}, name: judge {i}, description: has view {i}.}}\n" for i in ids
+        )
+        path.write_text("personas:\n" + entries)
+        catalogs[name] = path
+    first, _ = PersonaJudge(JudgeConfig(model="tiny", personas=str(catalogs["a"]))).annotate(rows)
+    second, _ = PersonaJudge(JudgeConfig(model="tiny", personas=str(catalogs["b"]))).annotate(rows)
+    write_rows(tmp_path / "a.parquet", first, "annotations", 6)
+    write_rows(tmp_path / "b.parquet", second, "annotations", 6)
+
+    out = tmp_path / "updated.parquet"
+    proc = run_cli(
+        "annotate",
+        "update",
+        f"annotations={tmp_path / 'a.parquet'}",
+        f"votes={tmp_path / 'b.parquet'}",
+        f"output={out}",
+        f"output_dir={tmp_path / 'run'}",
+    )
+    assert proc.returncode == 0, proc.stderr
+    updated = load_rows(out, kind="annotations", num_labels=6).rows
+    for new, a, b in zip(updated, first, second, strict=True):
+        assert new["votes"] == a["votes"] + b["votes"]
+        assert new["persona_ids"] == ["a", "b", "c", "d", "e", "f"]
+        once = aggregate(np.array(a["prior"]), a["votes"] + b["votes"], 6, kappa=1.0, eps=0.1)
+        np.testing.assert_allclose(new["posterior"], once["posterior"])
+    assert "mean W1 moved" in proc.stdout and "Helpful & Harmless" in proc.stdout
+    metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    assert metrics["updated"] == 2 and metrics["mean_w1_moved"] >= 0
+
+    # Human votes: just prompt, response and votes; every vote for label 5 moves the targets.
+    human = tmp_path / "human.parquet"
+    pq.write_table(pa.Table.from_pylist([{**r, "votes": [5, 5, 5, 5]} for r in rows[:1]]), human)
+    proc = run_cli(
+        "annotate",
+        "update",
+        f"annotations={out}",
+        f"votes={human}",
+        f"output={tmp_path / 'human-updated.parquet'}",
+        "gamma=0.5",
+        f"output_dir={tmp_path / 'run2'}",
+    )
+    assert proc.returncode == 0, proc.stderr
+    metrics = json.loads((tmp_path / "run2" / "metrics.json").read_text())
+    assert metrics["updated"] == 1 and metrics["mean_w1_moved"] > 0.5
+    after = metrics["category_mean_after"]["Not-helpful & Harmful"]
+    assert after > metrics["category_mean_before"]["Not-helpful & Harmful"] + 0.2
+
+    pq.write_table(pa.table({"prompt": ["x"], "response": ["y"], "votes": [[9]]}), human)
+    proc = run_cli(
+        "annotate",
+        "update",
+        f"annotations={out}",
+        f"votes={human}",
+        f"output={tmp_path / 'z.parquet'}",
+        f"output_dir={tmp_path / 'run3'}",
+    )
+    assert proc.returncode == 0  # no row matched: nothing to range-check, the file is written
+    pq.write_table(pa.table({"prompt": ["x"], "votes": [[1]]}), human)
+    proc = run_cli(
+        "annotate",
+        "update",
+        f"annotations={out}",
+        f"votes={human}",
+        f"output={tmp_path / 'z.parquet'}",
+        f"output_dir={tmp_path / 'run3'}",
+    )
+    assert (
+        proc.returncode == 1
+        and "human.parquet:1: needs row_key or prompt and response" in proc.stderr
+    )
