@@ -96,6 +96,10 @@ class TrainRewardConfig:
     checkpoint_every: int = field(default=50, metadata={"help": "steps between checkpoints"})
     resume: bool = field(default=True, metadata={"help": "continue from the latest checkpoint"})
     log_every: int = 10
+    eval_every: int = field(
+        default=0,
+        metadata={"help": "steps between held-out evaluations, each reported (0: only at the end)"},
+    )
     wandb: WandbConfig = field(default_factory=WandbConfig)
     output_dir: str = "outputs/train-reward"
 
@@ -310,7 +314,11 @@ def train_worker(
     cfg: TrainRewardConfig,
     report: Callable[[dict[str, float]], None] = lambda metrics: None,
 ) -> dict[str, Any]:
-    """Train on this worker's share; reports and returns the final metrics (on every rank)."""
+    """Train on this worker's share; returns the final metrics (on every rank).
+
+    `report` gets the held-out metrics of every evaluation (every `eval_every` steps and at the
+    end), on every rank.
+    """
     from tqdm import tqdm
 
     from dprm_ray.losses import bradley_terry_loss, distribution_loss
@@ -416,20 +424,30 @@ def train_worker(
                 run.log({"train/loss": mean_loss}, step=step)
         if cfg.checkpoint_every and (step % cfg.checkpoint_every == 0 or step == total):
             save_checkpoint(engine, ckpt_dir, step)
+        if cfg.eval_every and step % cfg.eval_every == 0 and step < total:
+            # Intermediate results for early stopping (sweeps); the seed is reset every step,
+            # so evaluating does not change the training trajectory.
+            engine.eval()
+            metrics = _evaluate_sharded(engine, tokenizer, held, held_emb, cfg, space, rank, world)
+            metrics.update(steps=step, train_examples=n_items)
+            if run is not None:
+                run.log({f"eval/{k}": v for k, v in metrics.items()}, step=step)
+            report(metrics)
+            engine.train()
     bar.close()
 
     engine.eval()
     metrics = _evaluate_sharded(engine, tokenizer, held, held_emb, cfg, space, rank, world)
-    metrics["steps"] = step
-    metrics["train_examples"] = n_items
+    metrics.update(steps=step, train_examples=n_items)
     save_on_rank0(
         engine, cfg.scale.zero_stage, rank, lambda: engine.module.save(out_dir / "model", tokenizer)
     )
     if run is not None:
         run.log({f"eval/{k}": v for k, v in metrics.items()}, step=step)
         run.finish()
-    # Ray Train V2's report waits for the controller's next poll (~seconds), so it is called once
-    # with the results rather than every few steps; progress goes to the bar and W&B instead.
+    # Ray Train V2's report waits for the controller's next poll (~seconds), so it is called only
+    # after evaluations (`eval_every`, and this final one), not every few steps; progress goes to
+    # the bar and W&B instead.
     report(metrics)
     return metrics
 
