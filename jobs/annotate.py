@@ -1,8 +1,8 @@
 """`dprm-ray annotate`: label (prompt, response) rows with a persona crowd of LLM judges.
 
-Ray Data `read_parquet(input)` -> `map_batches(PersonaAnnotator, compute=ActorPoolStrategy(
-pool.min_actors, pool.max_actors))` with `pool.cpus_per_actor` / `pool.gpus_per_actor` per actor, so the
-pool autoscales on a cluster. Each row gets the judge's prior, one vote per persona, the Dirichlet
+The rows of `input` not done yet become Ray Data blocks -> `map_batches(PersonaAnnotator,
+compute=ActorPoolStrategy(pool.min_actors, pool.max_actors))` with `pool.cpus_per_actor` /
+`pool.gpus_per_actor` per actor, so the pool autoscales on a cluster. Each row gets the judge's prior, one vote per persona, the Dirichlet
 posterior and the smoothed target (the `annotations` schema). Finished batches are written as they
 arrive, each atomically, under `<output>.parts/`; at the end they are merged into `output` and
 `rejects` (rows the judge cannot handle, with the reason). Rerunning the same command resumes: rows
@@ -77,8 +77,8 @@ def _paths(cfg: AnnotateConfig) -> tuple[Path, Path, Path]:
     return output, rejects, output.with_name(output.name + ".parts")
 
 
-def _input_keys(path: str) -> list[str]:
-    """Row keys of the input, in order; checks the file and its columns first."""
+def _read_input(path: str) -> tuple[Any, list[str]]:
+    """The input's prompt/response columns and each row's key; checks the file and columns."""
     import pyarrow as pa
     import pyarrow.parquet as pq
 
@@ -88,18 +88,22 @@ def _input_keys(path: str) -> list[str]:
     if not Path(path).is_file():
         raise DataError([f"{path}: no such file"])
     try:
-        table = pq.read_table(path, columns=None)
+        names = pq.read_schema(path).names
+        missing = [c for c in ("prompt", "response") if c not in names]
+        if missing:
+            raise DataError(
+                [f"{path}: missing column(s) {', '.join(missing)} (need prompt, response)"]
+            )
+        table = pq.read_table(path, columns=["prompt", "response"])
     except (pa.ArrowInvalid, OSError) as exc:
         raise DataError([f"{path}: not a readable parquet file: {exc}"]) from None
-    missing = [c for c in ("prompt", "response") if c not in table.column_names]
-    if missing:
-        raise DataError([f"{path}: missing column(s) {', '.join(missing)} (need prompt, response)"])
-    return [
+    keys = [
         row_key(str(p), str(r))
         for p, r in zip(
             table.column("prompt").to_pylist(), table.column("response").to_pylist(), strict=True
         )
     ]
+    return table, keys
 
 
 def _read_parts(paths: list[Path]) -> list[dict[str, Any]]:
@@ -127,16 +131,6 @@ def _existing(output: Path, rejects: Path, parts: Path) -> tuple[list[dict], lis
                 continue
             (reject_files if path.name.startswith("rejects-") else good_files).append(path)
     return _read_parts(good_files), _read_parts(reject_files)
-
-
-def _pending(batch: Any, done: set[str]) -> Any:
-    from dprm_ray.judge import row_key
-
-    keys = [
-        row_key(str(p), str(r)) for p, r in zip(batch["prompt"], batch["response"], strict=True)
-    ]
-    batch = batch[["prompt", "response"]].assign(row_key=keys)
-    return batch[[k not in done for k in keys]]
 
 
 def _write_reject_rows(path: Path, rows: list[dict[str, Any]]) -> None:
@@ -177,14 +171,18 @@ def annotate(cfg: AnnotateConfig) -> dict:
     space = check_judge_config(cfg.judge)  # config mistakes fail here, before Ray starts
     if cfg.pool.min_actors < 1 or cfg.pool.max_actors < cfg.pool.min_actors:
         raise ConfigError("pool: need 1 <= pool.min_actors <= pool.max_actors")
-    keys = _input_keys(cfg.input)
-    order = {}
-    for i, key in enumerate(keys):
-        order.setdefault(key, i)
+    table, keys = _read_input(cfg.input)
     old_good, old_rejects = _existing(output, rejects_path, parts)
     done = {r["row_key"] for r in old_good} | {r["row_key"] for r in old_rejects}
-    skipped = sum(1 for k in order if k in done)
-    pending = len(order) - skipped
+    order: dict[str, int] = {}
+    todo: list[int] = []  # input rows to judge: first occurrences not done by an earlier run
+    for i, key in enumerate(keys):
+        if key not in order:
+            order[key] = i
+            if key not in done:
+                todo.append(i)
+    skipped = len(order) - len(todo)
+    pending = len(todo)
     print(
         f"annotate: {len(keys)} input rows ({len(keys) - len(order)} duplicates), "
         f"{skipped} already done, {pending} to annotate with {cfg.judge.backend}:{cfg.judge.model}"
@@ -199,12 +197,13 @@ def annotate(cfg: AnnotateConfig) -> dict:
         ctx = ray.data.DataContext.get_current()
         ctx.enable_progress_bars = False  # ours below counts rows; Ray's count blocks
         parts.mkdir(parents=True, exist_ok=True)
-        ds = ray.data.read_parquet(str(Path(cfg.input).resolve()), columns=["prompt", "response"])
-        ds = ds.map_batches(_pending, fn_kwargs={"done": done}, batch_format="pandas")
-        # One block per part file: small blocks let finished work reach disk (and survive a
-        # kill) while the rest is still being judged; at most ~1000 parts however big the input.
-        rows_per_block = max(cfg.pool.batch_size, math.ceil(pending / 1000))
-        ds = ds.repartition(math.ceil(pending / rows_per_block))
+        # The driver has read the input anyway (row keys for resume); it hands the pending rows
+        # to Ray Data as ready blocks, one per part file, so no CPU-needing read/split tasks
+        # compete with a pool that takes every CPU, and finished work reaches disk (and survives
+        # a kill) while the rest is being judged. At most ~1000 parts, however big the input.
+        rows = table.take(todo).append_column("row_key", [[keys[i] for i in todo]])
+        per_block = max(cfg.pool.batch_size, math.ceil(pending / 1000))
+        ds = ray.data.from_arrow([rows.slice(i, per_block) for i in range(0, pending, per_block)])
         ds = ds.map_batches(
             PersonaAnnotator,
             fn_constructor_kwargs={
@@ -218,14 +217,9 @@ def annotate(cfg: AnnotateConfig) -> dict:
             num_cpus=cfg.pool.cpus_per_actor,
             num_gpus=cfg.pool.gpus_per_actor,
         )
-        seen = set(done)
         with tqdm(total=pending, unit="row", desc="annotate", dynamic_ncols=True) as bar:
             for batch in ds.iter_batches(batch_format="pandas", batch_size=None):
-                rows = []
-                for row in batch.to_dict("records"):  # an input may repeat a row: keep one
-                    if row["row_key"] not in seen:
-                        seen.add(row["row_key"])
-                        rows.append(row)
+                rows = batch.to_dict("records")
                 good = [_clean(r) for r in rows if r["reason"] is None]
                 bad = [r for r in rows if r["reason"] is not None]
                 name = uuid.uuid4().hex[:12]

@@ -226,3 +226,19 @@ def test_update_adds_a_new_persona_sets_votes_and_human_votes(tmp_path):
         proc.returncode == 1
         and "human.parquet:1: needs row_key or prompt and response" in proc.stderr
     )
+
+
+def test_a_pool_that_takes_every_cpu_does_not_hang(tmp_path):
+    """Regression: with read/split tasks in the pipeline, a pool holding every CPU waited forever."""
+    inp = tmp_path / "in.parquet"
+    rows_file(inp, 12, planted=False)
+    per_actor = (os.cpu_count() or 2) / 2
+    proc = run_cli(
+        *annotate_args(
+            tmp_path, inp, "pool.min_actors=2", "pool.max_actors=2", "pool.batch_size=2"
+        ),
+        f"pool.cpus_per_actor={per_actor}",
+        timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert "processed 12, rejected 0" in proc.stdout
