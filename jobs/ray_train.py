@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import json
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -38,17 +38,8 @@ def _worker_loop(schema: type, worker: Callable[..., dict], config: dict) -> Non
         write_metrics(Path(cfg.output_dir) / "train_metrics.json", metrics)
 
 
-def fit(
-    schema: type,
-    worker: Callable[..., dict],
-    plain: dict,
-    name: str,
-    callbacks: Sequence[Any] = (),
-) -> dict:
-    """Run `worker(cfg, report)` on `scale.num_workers` Ray Train workers; the final metrics.
-
-    `callbacks` are Ray Train run callbacks, e.g. Tune's `TuneReportCallback` when a Tune trial
-    runs the trainer."""
+def fit(schema: type, worker: Callable[..., dict], plain: dict, name: str) -> dict:
+    """Run `worker(cfg, report)` on `scale.num_workers` Ray Train workers; the final metrics."""
     import functools
 
     import ray
@@ -71,7 +62,6 @@ def fit(
             name=name,
             storage_path=str(out_dir / "ray"),
             failure_config=FailureConfig(max_failures=scale["max_failures"]),
-            callbacks=list(callbacks),
         ),
     )
     trainer.fit()

@@ -14,6 +14,7 @@ BUILT = {
     "distill",
     "train-pal",
     "annotate",
+    "sweep",
 }
 
 

@@ -1,0 +1,187 @@
+"""sweep: Ray Tune over train-reward trials on a real local Ray cluster, ASHA, kill and restore."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pyarrow.parquet as pq
+import pytest
+from conftest import REPO, run_cli
+from test_train_reward import write_annotations
+
+from dprm_ray.config import ConfigError, load_config
+from dprm_ray.reward_training import TrainRewardConfig
+from jobs.sweep import SweepConfig, search_space
+
+# A tiny causal LM trained end to end: a few seconds per trial. kappa 0 makes the targets
+# unanimous, so that eps changes them.
+TINY_TRAIN = """\
+# dprm-ray sweep
+train:
+  data: {data}
+  eval_data: {held}
+  backbone: {{spec: tiny, kind: causal-lm, freeze: false}}
+  targets: {{kappa: 0.0}}
+  optim: {{batch_size: 8, max_steps: {steps}, lr: 0.003}}
+  scale: {{zero_stage: 0}}
+  eval_every: 5
+  checkpoint_every: 10
+  wandb: {{mode: disabled}}
+max_concurrent_trials: 1
+"""
+
+
+def tiny_config(tmp_path: Path, search: str, steps: int = 30) -> Path:
+    data = tmp_path / "ann.parquet"
+    if not data.exists():
+        write_annotations(data)
+        write_annotations(tmp_path / "held.parquet", prompts=9)
+    path = tmp_path / "sweep.yaml"
+    path.write_text(
+        TINY_TRAIN.format(data=data, held=tmp_path / "held.parquet", steps=steps) + search
+    )
+    return path
+
+
+def _space(tmp_path: Path, search: str) -> dict:
+    return search_space(load_config(SweepConfig, tiny_config(tmp_path, search)))
+
+
+def test_search_keys_flat_or_nested_become_dotted_spaces(tmp_path):
+    space = _space(
+        tmp_path,
+        "search:\n"
+        "  targets.eps: {grid: [0.0, 0.1]}\n"
+        "  loss:\n"
+        "    kind: {choice: [ce, ot]}\n"
+        "    reg: {loguniform: [0.01, 1]}\n"
+        "  optim.lr: {uniform: [1.0e-4, 1.0e-2]}\n",
+    )
+    assert space == {
+        "targets.eps": {"grid": [0.0, 0.1]},
+        "loss.kind": {"choice": ["ce", "ot"]},
+        "loss.reg": {"loguniform": [0.01, 1.0]},
+        "optim.lr": {"uniform": [1e-4, 1e-2]},
+    }
+
+
+@pytest.mark.parametrize(
+    "search, message",
+    [
+        ("  targets.eps: {gird: [0.1]}\n", r"search.targets.eps: unknown search space 'gird'"),
+        ("  targets.epsilon: {grid: [0.1]}\n", r"unknown train config key 'targets.epsilon'"),
+        ("  loss: {kinds: {grid: [ce]}}\n", r"unknown train config key 'loss.kinds'"),
+        ("  optim.lr: 0.1\n", r"search.optim.lr: expected one of"),
+        ("  optim.epochs: {grid: [one, two]}\n", r"search.optim.epochs: bad value"),
+        ("  optim.lr: {loguniform: [0.0, 1.0]}\n", r"search.optim.lr: loguniform needs 0 < low"),
+        ("  optim.lr: {uniform: [0.1]}\n", r"search.optim.lr: uniform needs \[low, high\]"),
+        ("  loss.kind: {grid: []}\n", r"search.loss.kind: grid needs a non-empty list"),
+    ],
+)
+def test_bad_search_names_the_key(tmp_path, search, message):
+    with pytest.raises(ConfigError, match=message):
+        _space(tmp_path, "search:\n" + search)
+
+
+def test_cli_bad_search_exits_2_naming_it(tmp_path):
+    config = tiny_config(tmp_path, "search:\n  targets.eps: {normal: [0, 1]}\n")
+    proc = run_cli("sweep", "--config", str(config), f"output_dir={tmp_path / 'out'}")
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert "search.targets.eps: unknown search space 'normal'" in proc.stderr
+    assert not (tmp_path / "out" / "tune").exists()
+
+
+@pytest.mark.slow
+def test_four_trial_asha_sweep(tmp_path):
+    # Trials run one after the other in grid order (lr varies fastest): a good lr first, so the
+    # hopeless lr=1e-7 trials trail it at the first rung and ASHA stops them.
+    config = tiny_config(
+        tmp_path,
+        "search:\n  targets.eps: {grid: [0.0, 0.2]}\n  optim.lr: {grid: [0.003, 1.0e-7]}\n"
+        "asha: {grace_period: 1, reduction_factor: 2, max_t: 100}\n",
+    )
+    out = tmp_path / "out"
+    start = time.perf_counter()
+    proc = run_cli("sweep", "--config", str(config), f"output_dir={out}")
+    elapsed = time.perf_counter() - start
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    print(f"4-trial ASHA sweep: {elapsed:.1f} s")
+
+    rows = pq.read_table(out / "results.parquet").to_pylist()
+    assert len(rows) == 4
+    assert sorted((r["targets.eps"], r["optim.lr"]) for r in rows) == [
+        (0.0, 1e-7),
+        (0.0, 0.003),
+        (0.2, 1e-7),
+        (0.2, 0.003),
+    ]
+    full = 30 // 5  # evaluations of a trial that runs to the end
+    hopeless = [r for r in rows if r["optim.lr"] == 1e-7]
+    assert all(r["status"] == "stopped" and r["evaluations"] < full for r in hopeless), rows
+    first = next(r for r in rows if r["trial_id"].endswith("_00000"))
+    assert first["status"] == "completed" and first["evaluations"] == full and first["steps"] == 30
+    assert all(r["attempts"] == 1 and r["error"] == "" for r in rows)
+
+    metrics = json.loads((out / "metrics.json").read_text())
+    best = min(rows, key=lambda r: r["w1"])
+    assert metrics["best_trial"] == best["trial_id"] and metrics["best_w1"] == best["w1"]
+    assert metrics["trials"] == 4 and metrics["trials_stopped"] >= 2
+    assert best["optim.lr"] == 0.003
+    assert (out / "metric_vs_eps.png").read_bytes()[:4] == b"\x89PNG"
+    # The best config is a train-reward config with the best trial's values.
+    cfg = load_config(TrainRewardConfig, out / "best_config.yaml")
+    assert (cfg.targets.eps, cfg.optim.lr) == (best["targets.eps"], best["optim.lr"])
+    assert cfg.data == str(tmp_path / "ann.parquet") and cfg.output_dir == str(out / "best")
+    assert f"dprm-ray train-reward --config {out / 'best_config.yaml'}" in proc.stdout
+    assert (Path(best["trial_dir"]) / "model" / "reward_model.json").is_file()
+
+
+@pytest.mark.slow
+def test_killed_sweep_resumes_without_rerunning_finished_trials(tmp_path):
+    config = tiny_config(
+        tmp_path,
+        "search:\n  targets.eps: {grid: [0.0, 0.1, 0.2, 0.3]}\nasha: {enabled: false}\n",
+        steps=40,
+    )
+    out = tmp_path / "out"
+    args = ["sweep", "--config", str(config), f"output_dir={out}"]
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "jobs.cli", *args],
+        cwd=REPO,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
+
+    def finished() -> set[str]:
+        return {p.parent.name for p in (out / "trials").glob("*/train_metrics.json")}
+
+    deadline = time.time() + 300
+    while len(finished()) < 2:
+        assert proc.poll() is None and time.time() < deadline, "sweep ended before 2 trials"
+        time.sleep(0.1)
+    time.sleep(3)  # Tune saves its experiment state every second (the job sets it)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    done_before = finished()
+    assert not (out / "metrics.json").exists(), "the sweep finished before it could be killed"
+    assert len(done_before) < 4
+
+    resumed = run_cli(*args)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "sweep: resuming" in resumed.stdout
+    rows = pq.read_table(out / "results.parquet").to_pylist()
+    assert sorted(r["targets.eps"] for r in rows) == [0.0, 0.1, 0.2, 0.3]
+    assert all(r["status"] == "completed" and r["steps"] == 40 for r in rows), rows
+    attempts = {r["trial_id"]: r["attempts"] for r in rows}
+    assert set(attempts) == finished() and done_before < set(attempts)
+    for trial_id in done_before:
+        assert attempts[trial_id] == 1, f"finished trial {trial_id} ran again"
+
+    # Another search cannot continue this sweep.
+    changed = run_cli(*args, "num_samples=2")
+    assert changed.returncode == 2 and "'num_samples' differs" in changed.stderr
