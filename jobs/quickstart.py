@@ -2,8 +2,9 @@
 
 Today it is a smoke run of what exists: pull SmolLM2 and MiniLM, answer a few prompts with the
 SmolLM2 policy, embed the answers with MiniLM, and write them as a validated rollouts parquet.
-The later stages (annotation, PPO, the report) are listed as not built; reward training exists as
-its own job (`dprm-ray train-reward`) and joins the quickstart with issue #8.
+The later stages (PPO, the report) are listed as not built; annotation and reward training exist
+as their own jobs (`dprm-ray annotate`, `dprm-ray train-reward`) and join the quickstart with
+issue #8.
 """
 
 from __future__ import annotations
@@ -20,9 +21,9 @@ SMOKE_PROMPTS = [
     "Explain what a reward model is in one sentence.",
 ]
 NOT_BUILT_STAGES = [
-    "annotate with the persona pool (issue #4)",
     "PPO against each reward model (issue #5)",
-    "chain annotation, reward training (`dprm-ray train-reward`, built) and PPO, evaluate the "
+    "chain annotation (`dprm-ray annotate`, built), reward training (`dprm-ray train-reward`, "
+    "built) and PPO, evaluate the "
     "policies and write report/index.html (issue #8)",
 ]
 
