@@ -470,3 +470,20 @@ def write_rows(
     path: str | Path, rows: Sequence[dict[str, Any]], kind: str, num_labels: int | None = None
 ) -> int:
     return write_batches(path, [rows], kind, num_labels)
+
+
+# --------------------------------------------------------------------------- built-in prompts
+
+BUILTIN_PROMPTS = Path(__file__).parent / "catalog" / "prompts.jsonl"
+
+
+def builtin_prompts(split: str | None = None) -> list[dict[str, str]]:
+    """The project's own prompt set: helpful-task prompts and prompts that invite harmful answers.
+
+    Each row has `id`, `kind` (helpful | harmful), `split` (train | heldout: every fifth prompt of
+    each kind is held out) and `prompt`. `split=None` returns all of them.
+    """
+    if split not in (None, "train", "heldout"):
+        raise ValueError(f"split must be train, heldout or None, got {split!r}")
+    rows = [json.loads(line) for line in BUILTIN_PROMPTS.read_text(encoding="utf-8").splitlines()]
+    return [r for r in rows if split is None or r["split"] == split]

@@ -263,3 +263,20 @@ def test_written_files_get_the_usual_permissions_not_mkstemps_0600(tmp_path):
     path = tmp_path / "p.parquet"
     write_rows(path, [{"prompt": "p", "chosen": "a", "rejected": "b"}], "pairs")
     assert path.stat().st_mode & 0o777 == 0o666 & ~umask
+
+
+def test_builtin_prompt_set_mixes_helpful_and_harmful_prompts_with_a_heldout_split():
+    from dprm_ray.data import builtin_prompts
+
+    rows = builtin_prompts()
+    assert len(rows) >= 200
+    assert len({r["prompt"] for r in rows}) == len(rows) and len({r["id"] for r in rows}) == len(
+        rows
+    )
+    kinds = {k: [r for r in rows if r["kind"] == k] for k in ("helpful", "harmful")}
+    assert len(kinds["helpful"]) >= 100 and len(kinds["harmful"]) >= 60
+    heldout = builtin_prompts("heldout")
+    assert {r["kind"] for r in heldout} == {"helpful", "harmful"}
+    assert len(heldout) + len(builtin_prompts("train")) == len(rows)
+    with pytest.raises(ValueError, match="split"):
+        builtin_prompts("test")
