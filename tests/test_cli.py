@@ -15,6 +15,7 @@ BUILT = {
     "train-pal",
     "annotate",
     "sweep",
+    "serve",
 }
 
 
