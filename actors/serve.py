@@ -15,6 +15,8 @@ from ray import serve
 from starlette.requests import Request
 from starlette.responses import JSONResponse
 
+from dprm_ray.serving import count_items
+
 
 @serve.deployment(name="RewardScorer")
 class RewardScorer:
@@ -79,7 +81,9 @@ class RewardScorer:
             headers = {"WWW-Authenticate": "Bearer"} if exc.status == 401 else None
             return JSONResponse({"error": exc.message}, status_code=exc.status, headers=headers)
 
-    @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.005)
+    # Batches are counted in items (count_items), so a forward pass never holds more than
+    # max_batch_size items, whether they come as many small requests or a few large ones.
+    @serve.batch(max_batch_size=64, batch_wait_timeout_s=0.005, batch_size_fn=count_items)
     async def score_batch(self, requests: list[tuple[list[str], list[str]]]) -> list[Any]:
         from dprm_ray.serving import score_requests
 

@@ -3,12 +3,13 @@
 The Ray Serve deployment (`actors/serve.py`) is a thin shell around these functions.
 
 Request (`POST /score`): `{"items": [{"prompt": "...", "response": "..."}, ...]}`.
-Response: `{"model_type": ..., "labels": [...] or null, "scores": [{"distribution": [...] or null,
-"expected": r, "variance": v}, ...]}` in item order. Bradley-Terry models have no distribution (null)
-and no labels.
+Response: `{"model_type": ..., "labels": [...] or null, "scores": [{"distribution": [...] or
+null, "expected": r, "variance": v}, ...]}` in item order. Bradley-Terry models have no
+distribution (null) and no labels.
 
 Every problem with a request is a `RequestError` carrying its HTTP status: 400 names the field at
-fault (`items[3].response`), 413 says which limit was exceeded, 401 is a missing or wrong bearer token.
+fault (`items[3].response`), 413 says which limit was exceeded, 401 is a missing or wrong bearer
+token.
 """
 
 from __future__ import annotations
@@ -132,6 +133,11 @@ def check_authorization(header: str | None, digest: str | None) -> None:
 
 
 # --------------------------------------------------------------------------- scoring
+
+
+def count_items(requests: Sequence[tuple[list[str], list[str]]]) -> int:
+    """Size of a batch of parsed requests in items: what a forward pass costs, not requests."""
+    return sum(len(prompts) for prompts, _ in requests)
 
 
 def model_description(model: Any) -> dict[str, Any]:

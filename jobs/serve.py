@@ -2,10 +2,10 @@
 
 `POST /score` with `{"items": [{"prompt": ..., "response": ...}, ...]}` returns, per item, the
 predicted distribution (null for Bradley-Terry models), the expected reward and its variance, plus
-the label names; `GET /healthz` says the model is loaded (both under `route`). Requests are batched across clients
-(`max_batch_size` requests per forward pass). With `token_env=NAME` every `/score` request needs
-`Authorization: Bearer $NAME`. Binds 127.0.0.1 unless `host` says otherwise. Runs until Ctrl-C or
-SIGTERM (or `duration_s`), then shuts its Serve application down.
+the label names; `GET /healthz` says the model is loaded (both under `route`). Requests are batched
+across clients, at most `max_batch_size` items per forward pass. With `token_env=NAME` every
+`/score` request needs `Authorization: Bearer $NAME`. Binds 127.0.0.1 unless `host` says otherwise.
+Runs until Ctrl-C or SIGTERM (or `duration_s`), then shuts its Serve application down.
 """
 
 from __future__ import annotations
@@ -44,9 +44,11 @@ class ServeConfig:
     num_replicas: int = 1
     autoscaling: AutoscalingConfig = field(default_factory=AutoscalingConfig)
     max_ongoing_requests: int = field(
-        default=32, metadata={"help": "requests a replica holds at once (>= max_batch_size)"}
+        default=64, metadata={"help": "requests a replica holds at once (queued beyond)"}
     )
-    max_batch_size: int = field(default=16, metadata={"help": "requests per forward pass"})
+    max_batch_size: int = field(
+        default=64, metadata={"help": "items per forward pass (>= max_items_per_request)"}
+    )
     batch_wait_timeout_s: float = field(
         default=0.005, metadata={"help": "how long a batch waits to fill up"}
     )
@@ -77,6 +79,11 @@ def _check(cfg: ServeConfig) -> None:
     for key in ("max_items_per_request", "max_batch_size", "max_ongoing_requests", "max_length"):
         if getattr(cfg, key) < 1:
             raise ConfigError(f"{key}: must be >= 1, got {getattr(cfg, key)}")
+    if cfg.max_batch_size < cfg.max_items_per_request:
+        raise ConfigError(
+            f"max_batch_size: {cfg.max_batch_size} items per forward pass is less than "
+            f"max_items_per_request ({cfg.max_items_per_request}); a full request must fit"
+        )
     if cfg.max_body_bytes < 2:
         raise ConfigError(f"max_body_bytes: must be >= 2, got {cfg.max_body_bytes}")
     if not 0 <= cfg.port < 65536:

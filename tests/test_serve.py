@@ -254,3 +254,7 @@ def test_cli_refuses_a_folder_that_is_no_reward_model_and_an_unset_token(tmp_pat
     assert env_name not in os.environ
     proc = run_cli("serve", "--model", str(model_dir), f"token_env={env_name}", out)
     assert proc.returncode == 2 and f"'{env_name}' is not set" in proc.stderr
+    proc = run_cli(
+        "serve", "--model", str(model_dir), "max_batch_size=8", "max_items_per_request=9", out
+    )
+    assert proc.returncode == 2 and "max_batch_size: 8 items" in proc.stderr

@@ -13,6 +13,7 @@ from dprm_ray.serving import (
     RequestError,
     RequestLimits,
     check_authorization,
+    count_items,
     parse_score_request,
     score_requests,
     token_digest,
@@ -107,6 +108,7 @@ def test_batched_requests_score_as_each_alone():
         (["another"], ["answer " * 20]),
     ]
     together = score_requests(model, tok, requests, max_length=64)
+    assert count_items(requests) == 3  # what @serve.batch's max_batch_size counts
     assert len(together) == 2 and [len(b["scores"]) for b in together] == [2, 1]
     for req, batched in zip(requests, together, strict=True):
         alone = predict(model, tok, RewardData(*req), max_length=64)
