@@ -2,9 +2,10 @@
 
 For request sizes of 1 and 32 items, `--clients` threads each send requests to `/score` on
 127.0.0.1 (one replica of `--cpus` CPUs, `@serve.batch` of up to `--max-batch-size` items); the
-figures are requests/s, items/s and p50/p99 request latency. The baseline is `predict` on the same items in this process, one call per
-request of the same size, with torch limited to the replica's CPU count; the ratio is HTTP items/s
-over in-process items/s (what serving keeps of the model's own speed).
+figures are requests/s, items/s and p50/p99 request latency. The baseline is `predict` on the same
+items in this process, one call per request of the same size, with torch limited to the replica's
+CPU count; the ratio is HTTP items/s over in-process items/s (what serving keeps of the model's
+own speed).
 
 Items are real hh-rlhf (prompt, chosen response) pairs from ../shared/data. The model is `--model
 DIR` (a trained reward model) or a DPRM with an untrained head on `--backbone` (default the tiny
