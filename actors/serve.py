@@ -15,7 +15,16 @@ from ray import serve
 from starlette.requests import Request
 from starlette.responses import JSONResponse
 
-from dprm_ray.serving import count_items
+from dprm_ray.serving import (
+    RequestError,
+    RequestLimits,
+    body_too_large,
+    check_authorization,
+    count_items,
+    model_description,
+    parse_score_request,
+    score_requests,
+)
 
 
 @serve.deployment(name="RewardScorer")
@@ -32,7 +41,6 @@ class RewardScorer:
     ):
         os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
         from dprm_ray.reward_models import load_reward_model
-        from dprm_ray.serving import RequestLimits, model_description
 
         self.model, self.tokenizer = load_reward_model(model_dir)
         self.description = model_description(self.model)
@@ -44,8 +52,6 @@ class RewardScorer:
 
     async def _read_body(self, request: Request) -> bytes:
         """The body, refused (413) as soon as it is known to be over the limit."""
-        from dprm_ray.serving import RequestError, body_too_large
-
         declared = request.headers.get("content-length")
         if declared is not None:
             if not declared.isdigit():
@@ -60,8 +66,6 @@ class RewardScorer:
         return bytes(body)
 
     async def __call__(self, request: Request) -> JSONResponse:
-        from dprm_ray.serving import RequestError, check_authorization, parse_score_request
-
         prefix = request.scope.get("root_path", "")
         path = request.url.path[len(prefix) :] if request.url.path.startswith(prefix) else ""
         try:
@@ -85,8 +89,6 @@ class RewardScorer:
     # max_batch_size items, whether they come as many small requests or a few large ones.
     @serve.batch(max_batch_size=64, batch_wait_timeout_s=0.005, batch_size_fn=count_items)
     async def score_batch(self, requests: list[tuple[list[str], list[str]]]) -> list[Any]:
-        from dprm_ray.serving import score_requests
-
         # The forward pass runs in a thread so that the event loop keeps reading (and batching)
         # the requests that arrive meanwhile; @serve.batch runs one batch at a time.
         return await asyncio.to_thread(

@@ -198,7 +198,8 @@ def test_32_concurrent_clients_20_requests_each_without_errors(server):
 
 
 @pytest.mark.slow
-def test_cli_serves_until_sigint_and_exits_0(tmp_path):
+@pytest.mark.parametrize("stop_signal", [signal.SIGINT, signal.SIGTERM])
+def test_cli_serves_until_interrupted_and_exits_0(tmp_path, stop_signal):
     model_dir = tiny_dprm(tmp_path / "rm")
     port = free_port()
     env = {**os.environ, "DPRM_SERVE_TOKEN": TOKEN}
@@ -232,7 +233,7 @@ def test_cli_serves_until_sigint_and_exits_0(tmp_path):
         status, out = post(f"http://127.0.0.1:{port}/score", {"items": items(2)})
         assert status == 200 and len(out["scores"]) == 2
         assert post(f"http://127.0.0.1:{port}/score", {"items": items(1)}, token=None)[0] == 401
-        proc.send_signal(signal.SIGINT)
+        proc.send_signal(stop_signal)
         assert proc.wait(timeout=120) == 0, proc.stderr.read()
     finally:
         if proc.poll() is None:
