@@ -185,21 +185,26 @@ def build_policy(cfg: DistillConfig) -> tuple[Any, Any]:
     from dprm_ray.models import load_model
 
     model, tokenizer = load_model(cfg.policy, kind="causal-lm")
-    if cfg.lora.enabled:
-        from peft import LoraConfig as PeftLoraConfig
-        from peft import get_peft_model
+    return with_lora(model, cfg.lora), tokenizer
 
-        model = get_peft_model(
-            model,
-            PeftLoraConfig(
-                r=cfg.lora.r,
-                lora_alpha=cfg.lora.alpha,
-                lora_dropout=cfg.lora.dropout,
-                target_modules=list(cfg.lora.target_modules),
-                task_type="CAUSAL_LM",
-            ),
-        )
-    return model, tokenizer
+
+def with_lora(model: Any, lora: LoraConfig) -> Any:
+    """The model with peft LoRA adapters (only those train), or the model itself if disabled."""
+    if not lora.enabled:
+        return model
+    from peft import LoraConfig as PeftLoraConfig
+    from peft import get_peft_model
+
+    return get_peft_model(
+        model,
+        PeftLoraConfig(
+            r=lora.r,
+            lora_alpha=lora.alpha,
+            lora_dropout=lora.dropout,
+            target_modules=list(lora.target_modules),
+            task_type="CAUSAL_LM",
+        ),
+    )
 
 
 def distill_worker(
