@@ -104,9 +104,9 @@ class LearnerGroup:
 
         self.cfg = _as_config(LearnerConfig, cfg)
         self.ppo = _as_config(PPOConfig, ppo)
+        self.cfg.validate()
+        self.ppo.validate()  # fail here, before any actor starts
         n = self.cfg.num_ranks
-        if n < 1:
-            raise ValueError(f"learner.num_ranks must be >= 1, got {n}")
         bundle = {"CPU": self.cfg.cpus_per_rank}
         if self.cfg.gpus_per_rank > 0:
             bundle["GPU"] = self.cfg.gpus_per_rank

@@ -50,9 +50,19 @@ class LearnerConfig:
     cpus_per_rank: float = 1.0
     gpus_per_rank: float = field(default=0.0, metadata={"help": "> 0: NCCL instead of gloo"})
     optim: OptimConfig = field(
-        default_factory=lambda: OptimConfig(lr=1e-5, batch_size=4, epochs=1, grad_clip=1.0)
+        default_factory=lambda: OptimConfig(lr=1e-5, batch_size=4, epochs=1, grad_clip=1.0),
+        metadata={
+            "help": "lr, weight_decay, grad_clip (the update size is ppo.mini_batch_size; "
+            "epochs and steps are the driver's)"
+        },
     )
     seed: int = 0
+
+    def validate(self, prefix: str = "learner") -> None:
+        if self.zero_stage not in (0, 1, 2, 3):
+            raise ValueError(f"{prefix}.zero_stage must be 0, 1, 2 or 3, got {self.zero_stage}")
+        if self.num_ranks < 1:
+            raise ValueError(f"{prefix}.num_ranks must be >= 1, got {self.num_ranks}")
 
 
 # --------------------------------------------------------------------------- the model
@@ -152,13 +162,16 @@ def gathered(module: torch.nn.Module, zero_stage: int) -> contextlib.AbstractCon
 
 
 def all_reduce_sum(x: torch.Tensor) -> torch.Tensor:
+    """x summed over the ranks (a copy; x itself is left alone)."""
     import torch.distributed as dist
 
     if not dist.is_initialized() or dist.get_world_size() == 1:
         return x
-    out = x.detach().clone()
+    # NCCL reduces only CUDA tensors, gloo takes any: move there and back.
+    device = torch.device("cuda") if dist.get_backend() == "nccl" else x.device
+    out = x.detach().to(device, copy=True)
     dist.all_reduce(out)
-    return out
+    return out.to(x.device)
 
 
 def ppo_train_step(
@@ -235,6 +248,7 @@ class PPOLearner:
     def __init__(self, cfg: LearnerConfig, ppo: PPOConfig):
         from dprm_ray.models import load_model
 
+        cfg.validate()
         ppo.validate()
         self.cfg, self.ppo = cfg, ppo
         self.rank, self.world = ensure_process_group()

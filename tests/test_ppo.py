@@ -120,11 +120,11 @@ def test_value_loss_takes_the_larger_of_clipped_and_unclipped_error():
     values2 = torch.tensor([[0.5, 0.1]], requires_grad=True)
     loss2, stats2 = value_loss(values2, torch.zeros(1, 2), torch.ones(1, 2), torch.ones(1, 2), 0.2)
     loss2.backward()
-    assert float(loss2) == pytest.approx(0.5 * (0.64 + 0.81) / 2, abs=1e-6)
+    assert float(loss2.detach()) == pytest.approx(0.5 * (0.64 + 0.81) / 2, abs=1e-6)
     assert values2.grad[0, 0] == 0 and values2.grad[0, 1] < 0
     assert float(stats2["vf_clipfrac"]) == pytest.approx(0.5)
     loss3, _ = value_loss(values2, torch.zeros(1, 2), torch.ones(1, 2), torch.ones(1, 2), 0.0)
-    assert float(loss3) == pytest.approx(0.5 * (0.25 + 0.81) / 2, abs=1e-6)  # no clipping
+    assert float(loss3.detach()) == pytest.approx(0.5 * (0.25 + 0.81) / 2, abs=1e-6)  # no clipping
 
 
 def test_kl_estimators():
@@ -240,3 +240,18 @@ def test_exported_weights_merge_lora_without_touching_the_trained_model():
         assert torch.allclose(lm_logprobs(fresh, ids, att), want, atol=1e-5)
         base_logp = lm_logprobs(load_model("tiny:5")[0], ids, att)
     assert not torch.allclose(base_logp, want, atol=1e-3)  # the delta was merged, not dropped
+
+
+def test_text_rollouts_tokenise_like_the_policy_helpers():
+    from dprm_ray.learner import rollout_token_ids
+    from dprm_ray.policy import tokenize_responses
+
+    _, tok = load_model("tiny")
+    prompt_ids, response_ids = rollout_token_ids(tok, {"prompt": "Q: hi", "response": "yo"}, 0)
+    batch = tokenize_responses(tok, ["Q: hi"], ["yo"], 64)
+    assert prompt_ids + response_ids == batch["input_ids"][0].tolist()
+    assert tok.decode(response_ids) == "yo</s>"
+    ids = rollout_token_ids(tok, {"prompt_ids": [5, 6], "response_ids": [7], "reward": 1.0}, 0)
+    assert ids == ([5, 6], [7])
+    with pytest.raises(ValueError, match="rollout 3: needs prompt_ids and response_ids"):
+        rollout_token_ids(tok, {"prompt": "x"}, 3)
