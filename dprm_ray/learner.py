@@ -294,13 +294,7 @@ class PPOLearner:
             rewards[mine].tolist(),
             self.pad_id,
             self.ppo.max_length,
-        )
-        exp = Experience(
-            input_ids=exp.input_ids.to(self.device),
-            attention_mask=exp.attention_mask.to(self.device),
-            action_mask=exp.action_mask.to(self.device),
-            rewards=exp.rewards.to(self.device),
-        )
+        ).to(self.device)
         self.engine.eval()
         old, values, ref = [], [], []
         size = self.ppo.mini_batch_size

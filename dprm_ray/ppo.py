@@ -14,7 +14,6 @@ learner that drives it lives in `dprm_ray.learner`.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, fields, replace
 from typing import Any
@@ -77,10 +76,6 @@ class PPOConfig:
 
 
 # --------------------------------------------------------------------------- masked statistics
-
-
-def masked_sum(x: torch.Tensor, mask: torch.Tensor, reduce: Reduce = _no_reduce) -> torch.Tensor:
-    return reduce((x * mask).sum())
 
 
 def masked_mean(x: torch.Tensor, mask: torch.Tensor, reduce: Reduce = _no_reduce) -> torch.Tensor:
@@ -300,6 +295,15 @@ class Experience:
     def __len__(self) -> int:
         return self.input_ids.shape[0]
 
+    def to(self, device: Any) -> Experience:
+        return replace(
+            self,
+            **{
+                f.name: None if (v := getattr(self, f.name)) is None else v.to(device)
+                for f in fields(self)
+            },
+        )
+
     def select(self, rows: torch.Tensor | Sequence[int]) -> Experience:
         """The given rows, with trailing all-padding columns dropped (shorter forward passes)."""
         rows = torch.as_tensor(rows, dtype=torch.long)
@@ -390,7 +394,3 @@ def minibatches(n: int, size: int, epochs: int, generator: torch.Generator) -> l
         perm = torch.randperm(n, generator=generator)
         out += [perm[i : i + size] for i in range(0, n, size)]
     return out
-
-
-def num_updates(n: int, cfg: PPOConfig) -> int:
-    return cfg.ppo_epochs * math.ceil(n / cfg.mini_batch_size)
