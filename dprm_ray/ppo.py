@@ -8,8 +8,8 @@ token. Prompt, response and padding positions are told apart only by the masks.
 
 The objective (Ziegler et al. 2019, Stiennon et al. 2020): per-token reward
 `-kl_coef * KL_t` plus the sequence reward on the last response token, GAE advantages, the clipped
-surrogate and clipped value losses. Everything here is a pure function of tensors; the DeepSpeed
-learner that drives it lives in `dprm_ray.learner`.
+surrogate and clipped value losses. Everything here works on tensors alone (no model); the
+DeepSpeed learner that drives it lives in `dprm_ray.learner`.
 """
 
 from __future__ import annotations
