@@ -118,8 +118,8 @@ def plain_lm_state_dict(lm: Any) -> dict[str, torch.Tensor]:
     """The LM's weights as a plain HF model names them, LoRA deltas merged, copies detached.
 
     The training model is not touched (peft's merge/unmerge would round the base weights). Tied
-    weights (lm_head = embed_tokens) stay one tensor under both names: `load_state_dict(strict=True)`
-    wants both keys, pickling / ray.put stores it once, and vLLM skips the tied alias.
+    weights (lm_head = embed_tokens) stay one tensor under both names: a strict
+    `load_state_dict` wants both keys, pickling / ray.put stores it once, vLLM skips the alias.
     """
     from peft import PeftModel
     from peft.tuners.lora import LoraLayer

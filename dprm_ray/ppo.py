@@ -1,4 +1,4 @@
-"""PPO for a causal LM against a sequence-level reward (the DPRM expected reward), with a KL penalty.
+"""PPO for a causal LM against a sequence reward (the DPRM expected reward) with a KL penalty.
 
 Token layout (one convention for every per-token tensor here): a batch is right-padded
 `input_ids [B, T]`; per-token tensors live on the T-1 "action" positions, where position t is the
@@ -190,7 +190,7 @@ def policy_loss(
     clip_ratio: float,
     reduce: Reduce = _no_reduce,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """Clipped surrogate, token mean over the mask; stats: clipfrac, approx_kl (k2 of new vs old)."""
+    """Clipped surrogate, token mean over the mask; stats: clipfrac, approx_kl (k2, new vs old)."""
     log_ratio = logprobs - old_logprobs
     ratio = torch.exp(log_ratio)
     unclipped = -advantages * ratio
