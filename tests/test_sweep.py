@@ -185,3 +185,25 @@ def test_killed_sweep_resumes_without_rerunning_finished_trials(tmp_path):
     # Another search cannot continue this sweep.
     changed = run_cli(*args, "num_samples=2")
     assert changed.returncode == 2 and "'num_samples' differs" in changed.stderr
+
+
+@pytest.mark.slow
+def test_multi_worker_trials_run_ray_train_with_deepspeed(tmp_path):
+    # Each trial is a TorchTrainer with 2 DeepSpeed ZeRO-2 workers (gloo); ASHA stops the
+    # hopeless one, whose workers must give their CPUs back for the next trial to start.
+    config = tiny_config(
+        tmp_path,
+        "search:\n  optim.lr: {grid: [0.003, 1.0e-7, 0.003]}\nresources: {workers: 2, cpus: 0.5}\n",
+        steps=20,
+    )
+    config.write_text(config.read_text().replace("zero_stage: 0", "zero_stage: 2"))
+    out = tmp_path / "out"
+    proc = run_cli("sweep", "--config", str(config), f"output_dir={out}")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = sorted(pq.read_table(out / "results.parquet").to_pylist(), key=lambda r: r["trial_id"])
+    assert [r["status"] for r in rows] == ["completed", "stopped", "completed"], rows
+    # Every evaluation of a finished trial reached Tune, the last one included.
+    assert [r["evaluations"] for r in rows] == [4, 1, 4]
+    assert rows[0]["w1"] == pytest.approx(rows[2]["w1"], abs=1e-6)  # same config, same result
+    for r in rows:
+        assert (Path(r["trial_dir"]) / "ray").is_dir()  # the trial's Ray Train run
