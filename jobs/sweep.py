@@ -207,18 +207,50 @@ def trial_config(base: dict, params: dict, resources: dict, out_dir: Path) -> di
         cpus_per_worker=resources["cpus"],
         use_gpu=resources["gpus"] > 0,
     )
+    if resources["workers"] > 1:
+        # A trainer that restarted its workers after the trial released them (see
+        # _ReleaseTrainerWorkers) would hold new ones; Tune retries failed trials instead.
+        plain["scale"]["max_failures"] = 0
     return plain
 
 
 def _relay_worker(queue: Any, cfg: Any, report: Any) -> dict:
     """A Ray Train worker of a multi-worker trial: rank 0 sends each evaluation to the trial."""
+    import ray
     import torch.distributed as dist
 
     from dprm_ray.reward_training import train_worker
 
     # Through a queue rather than `ray.train.report` (which blocks ~2 s per call in Ray Train V2
     # and, relayed by Tune's callback, can drop a trial's last result).
-    return train_worker(cfg, report=queue.put if dist.get_rank() == 0 else lambda metrics: None)
+    if dist.get_rank() != 0:
+        return train_worker(cfg, report=lambda metrics: None)
+    queue.put({_PLACEMENT_GROUP: ray.get_runtime_context().get_placement_group_id()})
+    return train_worker(cfg, report=queue.put)
+
+
+# The trial's Ray Train placement group, sent by rank 0 (one trial per process: reuse_actors off).
+_PLACEMENT_GROUP = "__trainer_placement_group__"
+_trainer_placement_group: list[str] = []
+
+
+class _ReleaseTrainerWorkers:
+    """Mixed into the trial's Tune trainable: a trial that Tune stops (ASHA) or that fails
+    removes its trainer's placement group itself. Ray Train's own cleaner waits until it sees
+    the trainer's controller dead through the state API, and when that API times out (a busy
+    machine) the cleaner dies and the workers' CPUs stay held, so the next trial never starts."""
+
+    def cleanup(self) -> None:
+        if _trainer_placement_group:
+            import ray
+            from ray.util.placement_group import PlacementGroup, remove_placement_group
+
+            pg_id = ray.PlacementGroupID(bytes.fromhex(_trainer_placement_group.pop()))
+            try:
+                remove_placement_group(PlacementGroup(pg_id))
+            except Exception as exc:  # already removed by the trainer: nothing to release
+                print(f"sweep: placement group {pg_id.hex()} not removed: {exc}")
+        super().cleanup()  # type: ignore[misc]
 
 
 def _trial(params: dict, base: dict, resources: dict, sweep_dir: str) -> None:
@@ -248,6 +280,9 @@ def _trial(params: dict, base: dict, resources: dict, sweep_dir: str) -> None:
     write_metrics(out_dir / "train_metrics.json", metrics)
 
 
+_trial.__mixins__ = (_ReleaseTrainerWorkers,)  # type: ignore[attr-defined]  # Tune's hook
+
+
 def _multi_worker_trial(plain: dict, trial_id: str) -> None:
     """Run the trial's TorchTrainer in a thread; pass its evaluations on to Tune as they come."""
     import functools
@@ -273,9 +308,15 @@ def _multi_worker_trial(plain: dict, trial_id: str) -> None:
     thread.start()
     while thread.is_alive() or not evaluations.empty():
         try:
-            tune.report(evaluations.get(timeout=1.0))
+            message = evaluations.get(timeout=1.0)
         except queue.Empty:  # ray.util.queue.Empty subclasses it
             continue
+        if _PLACEMENT_GROUP in message:
+            _trainer_placement_group[:] = [message[_PLACEMENT_GROUP]]
+        else:
+            tune.report(message)
+    # The trainer has finished and removed its placement group.
+    _trainer_placement_group.clear()
     if failure:
         raise failure[0]
 

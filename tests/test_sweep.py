@@ -2,15 +2,18 @@
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
 import pyarrow.parquet as pq
 import pytest
 from conftest import REPO, run_cli
+from test_job_submit import RAY, free_ports, stop_head
 from test_train_reward import write_annotations
 
 from dprm_ray.config import ConfigError, load_config
@@ -187,18 +190,52 @@ def test_killed_sweep_resumes_without_rerunning_finished_trials(tmp_path):
     assert changed.returncode == 2 and "'num_samples' differs" in changed.stderr
 
 
+@pytest.fixture
+def head_without_dashboard():
+    """A real Ray head on 127.0.0.1 without a dashboard, so without the state API: Ray Train's
+    own placement-group cleaner cannot tell that a stopped trial's trainer is gone (in CI it
+    also failed when that API timed out on a busy machine)."""
+    temp_dir = tempfile.mkdtemp(prefix="raysw_", dir="/tmp")
+    ports = free_ports(5)
+    env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")}
+    env["RAY_AUTH_MODE"] = "disabled"
+    start = [
+        *(RAY, "start", "--head", "--node-ip-address=127.0.0.1", f"--port={ports[0]}"),
+        *("--num-cpus=2", "--include-dashboard=false", f"--temp-dir={temp_dir}"),
+        *(f"--metrics-export-port={ports[1]}", f"--runtime-env-agent-port={ports[2]}"),
+        *(f"--ray-client-server-port={ports[3]}", f"--node-manager-port={ports[4]}"),
+        "--disable-usage-stats",
+    ]
+    try:
+        proc = subprocess.run(start, env=env, capture_output=True, text=True, timeout=180)
+        assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+        yield {"address": f"127.0.0.1:{ports[0]}", "env": env}
+    finally:
+        stop_head(temp_dir)
+        shutil.rmtree(temp_dir, ignore_errors=True)
+
+
 @pytest.mark.slow
-def test_multi_worker_trials_run_ray_train_with_deepspeed(tmp_path):
-    # Each trial is a TorchTrainer with 2 DeepSpeed ZeRO-2 workers (gloo); ASHA stops the
-    # hopeless one, whose workers must give their CPUs back for the next trial to start.
+def test_multi_worker_trials_run_ray_train_with_deepspeed(tmp_path, head_without_dashboard):
+    # Each trial is a TorchTrainer with 2 DeepSpeed ZeRO-2 workers (gloo) taking 1.8 of the
+    # head's 2 CPUs, so one trial runs at a time; ASHA stops the hopeless one, whose workers must
+    # give their CPUs back for the next trial to start.
     config = tiny_config(
         tmp_path,
-        "search:\n  optim.lr: {grid: [0.003, 1.0e-7, 0.003]}\nresources: {workers: 2, cpus: 0.5}\n",
+        "search:\n  optim.lr: {grid: [0.003, 1.0e-7, 0.003]}\nresources: {workers: 2, cpus: 0.9}\n",
         steps=20,
     )
     config.write_text(config.read_text().replace("zero_stage: 0", "zero_stage: 2"))
     out = tmp_path / "out"
-    proc = run_cli("sweep", "--config", str(config), f"output_dir={out}")
+    proc = subprocess.run(
+        [sys.executable, "-m", "jobs.cli", "sweep", "--config", str(config)]
+        + [f"output_dir={out}", f"address={head_without_dashboard['address']}"],
+        cwd=REPO,
+        env=head_without_dashboard["env"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     rows = sorted(pq.read_table(out / "results.parquet").to_pylist(), key=lambda r: r["trial_id"])
     assert [r["status"] for r in rows] == ["completed", "stopped", "completed"], rows
