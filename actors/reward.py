@@ -1,0 +1,136 @@
+"""Reward shards: N Ray actors each holding the reward model (DPRM or Bradley-Terry).
+
+`RewardShard.score` takes a list of rollouts (dicts with `prompt` and `response` text; a rollout
+worker's output as it comes, often passed as an ObjectRef straight from the worker) and returns
+each with `reward` (the expected reward), `variance` and, for a DPRM, `distribution` (K floats).
+
+`ShardedReward` owns the shards: they are declared with `max_restarts`, a batch is sliced and
+`ray.put` once per shard, and a call that fails because its shard died is retried on another one.
+The streaming driver (`jobs/train_policy.py`) submits to the least-loaded shard itself.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from typing import Any
+
+import ray
+
+from dprm_ray.policy_training import RewardConfig
+
+
+class RewardShard:
+    """One reward actor: loads the model once, scores rollouts."""
+
+    def __init__(self, model_dir: str, max_length: int = 512, batch_size: int = 32):
+        os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+        from dprm_ray.reward_models import load_reward_model
+
+        self.model, self.tokenizer = load_reward_model(model_dir)
+        self.max_length, self.batch_size = max_length, batch_size
+        space = getattr(self.model, "label_space", None)
+        self.labels = list(space.labels) if space is not None else []
+
+    def score(self, rollouts: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        from dprm_ray.reward_training import RewardData, predict
+
+        start = time.perf_counter()
+        data = RewardData([r["prompt"] for r in rollouts], [r["response"] for r in rollouts])
+        pred = predict(
+            self.model, self.tokenizer, data, max_length=self.max_length, batch_size=self.batch_size
+        )
+        seconds = (time.perf_counter() - start) / max(1, len(rollouts))
+        scored = []
+        for i, rollout in enumerate(rollouts):
+            out = {
+                **rollout,
+                "reward": float(pred["expected"][i]),
+                "variance": float(pred["variance"][i]),
+                "reward_seconds": seconds,
+            }
+            if "probs" in pred:
+                out["distribution"] = pred["probs"][i].astype(float).tolist()
+            scored.append(out)
+        return scored
+
+    def label_names(self) -> list[str]:
+        return self.labels
+
+    def pid(self) -> int:
+        return os.getpid()
+
+
+def reward_shard_actor(cfg: RewardConfig) -> Any:
+    """The RewardShard actor class with the shard resources and restart policy of `cfg`."""
+    return ray.remote(
+        num_cpus=cfg.cpus_per_shard,
+        num_gpus=cfg.gpus_per_shard,
+        max_restarts=cfg.max_restarts,
+        max_task_retries=0,  # the caller retries, on another shard
+    )(RewardShard)
+
+
+class ShardedReward:
+    """The reward shards of a run, with per-shard in-flight counts for least-loaded dispatch."""
+
+    def __init__(self, cfg: RewardConfig):
+        cfg.validate()
+        self.cfg = cfg
+        actor = reward_shard_actor(cfg)
+        self.shards = [
+            actor.options(name=None).remote(cfg.model, cfg.max_length, cfg.batch_size)
+            for _ in range(cfg.num_shards)
+        ]
+        self.in_flight = [0] * cfg.num_shards
+        self.failures = 0
+        self.labels: list[str] = []  # the DPRM's categories (empty for a Bradley-Terry model)
+
+    def wait_ready(self) -> list[str]:
+        """Block until every shard has loaded its model; the label names (empty for BT)."""
+        self.labels = ray.get([s.label_names.remote() for s in self.shards])[0]
+        return self.labels
+
+    def least_loaded(self, avoid: int | None = None) -> int:
+        order = sorted(range(len(self.shards)), key=lambda i: (self.in_flight[i], i))
+        if avoid is not None and len(order) > 1:
+            order.remove(avoid)
+        return order[0]
+
+    def submit(self, rollouts: Any, avoid: int | None = None) -> tuple[ray.ObjectRef, int]:
+        """Score `rollouts` (a list or an ObjectRef of one) on the least-loaded shard."""
+        index = self.least_loaded(avoid)
+        self.in_flight[index] += 1
+        return self.shards[index].score.remote(rollouts), index
+
+    def done(self, index: int) -> None:
+        self.in_flight[index] -= 1
+
+    def score(self, rollouts: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        """Score a whole batch: one slice per shard, each `ray.put` once; a slice whose shard
+        died is retried on another shard (up to `retries` times)."""
+        n = len(self.shards)
+        bounds = [round(i * len(rollouts) / n) for i in range(n + 1)]
+        slices = [ray.put(rollouts[bounds[i] : bounds[i + 1]]) for i in range(n)]
+        pending = {}
+        for i, ref in enumerate(slices):
+            self.in_flight[i] += 1
+            pending[self.shards[i].score.remote(ref)] = (i, i, 0)
+        results: list[list[dict[str, Any]]] = [[] for _ in range(n)]
+        while pending:
+            ready, _ = ray.wait(list(pending), num_returns=1)
+            part, shard, tries = pending.pop(ready[0])
+            self.done(shard)
+            try:
+                results[part] = ray.get(ready[0])
+            except ray.exceptions.RayActorError:
+                self.failures += 1
+                if tries >= self.cfg.retries:
+                    raise
+                ref, shard = self.submit(slices[part], avoid=shard)
+                pending[ref] = (part, shard, tries + 1)
+        return [r for part in results for r in part]
+
+    def shutdown(self) -> None:
+        for shard in self.shards:
+            ray.kill(shard, no_restart=True)

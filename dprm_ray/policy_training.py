@@ -1,0 +1,208 @@
+"""What the PPO driver (`jobs/train_policy.py`) needs that is not orchestration: its config, the
+prompt schedule, the driver's checkpoint state and the per-category share statistics.
+
+The schedule is a pure function of (seed, step): step s trains on positions
+`s*P .. s*P+P-1` of an endless sequence of seeded epoch shuffles. A resumed run therefore needs
+only the step number to continue with exactly the prompts it would have seen.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from omegaconf import MISSING
+
+from dprm_ray.learner import LearnerConfig
+from dprm_ray.ppo import PPOConfig
+from dprm_ray.rollout import RolloutConfig
+from dprm_ray.training import WandbConfig
+
+
+@dataclass
+class RewardConfig:
+    model: str = field(
+        default=MISSING, metadata={"help": "reward model folder (train-reward output)"}
+    )
+    num_shards: int = field(default=2, metadata={"help": "reward actors"})
+    cpus_per_shard: float = 0.5
+    gpus_per_shard: float = 0.0
+    max_restarts: int = field(default=3, metadata={"help": "restarts of a dead shard"})
+    max_length: int = field(default=512, metadata={"help": "tokens of prompt+response scored"})
+    batch_size: int = field(default=32, metadata={"help": "rollouts per forward pass"})
+    retries: int = field(default=3, metadata={"help": "times a failed call is retried"})
+
+    def validate(self, prefix: str = "reward") -> None:
+        if self.num_shards < 1:
+            raise ValueError(f"{prefix}.num_shards must be >= 1, got {self.num_shards}")
+        if self.cpus_per_shard < 0 or self.gpus_per_shard < 0:
+            raise ValueError(f"{prefix}.cpus_per_shard and gpus_per_shard must be >= 0")
+        if self.max_restarts < 0 or self.retries < 0:
+            raise ValueError(f"{prefix}.max_restarts and {prefix}.retries must be >= 0")
+
+
+@dataclass
+class TrainPolicyConfig:
+    prompts: str = field(
+        default="",
+        metadata={
+            "help": "training prompts: .jsonl/.parquet with a `prompt` column ('' = built-in)"
+        },
+    )
+    eval_prompts: str = field(
+        default="", metadata={"help": "held-out prompts for before/after shares ('' = built-in)"}
+    )
+    eval_size: int = field(default=0, metadata={"help": "held-out prompts used (0 = all)"})
+    steps: int = field(default=50, metadata={"help": "PPO steps"})
+    prompts_per_step: int = field(
+        default=8, metadata={"help": "rollouts per step (a multiple of learner.num_ranks)"}
+    )
+    chunk_size: int = field(default=2, metadata={"help": "prompts per rollout-worker call"})
+    learner: LearnerConfig = field(default_factory=LearnerConfig)
+    ppo: PPOConfig = field(default_factory=PPOConfig)
+    rollout: RolloutConfig = field(default_factory=RolloutConfig)
+    reward: RewardConfig = field(default_factory=RewardConfig)
+    checkpoint_every: int = field(default=10, metadata={"help": "steps between checkpoints"})
+    keep_checkpoints: int = field(default=2, metadata={"help": "checkpoints kept on disk"})
+    resume: bool = field(default=True, metadata={"help": "continue from the latest checkpoint"})
+    seed: int = 0
+    address: str = field(default="", metadata={"help": "Ray address ('' = local or RAY_ADDRESS)"})
+    wandb: WandbConfig = field(default_factory=WandbConfig)
+    output_dir: str = "outputs/ppo"
+
+    def validate(self) -> None:
+        self.learner.validate()
+        self.ppo.validate()
+        self.rollout.validate()
+        self.reward.validate()
+        for name in ("steps", "prompts_per_step", "chunk_size", "checkpoint_every"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.prompts_per_step % self.learner.num_ranks:
+            raise ValueError(
+                f"prompts_per_step ({self.prompts_per_step}) must be a multiple of "
+                f"learner.num_ranks ({self.learner.num_ranks})"
+            )
+        if self.keep_checkpoints < 1:
+            raise ValueError(f"keep_checkpoints must be >= 1, got {self.keep_checkpoints}")
+
+
+# --------------------------------------------------------------------------- prompts
+
+
+def load_prompts(path: str, split: str) -> list[dict[str, str]]:
+    """Rows with `id` and `prompt` (and `kind` when known) from a file, or the built-in set.
+
+    A file is .jsonl or .parquet with a `prompt` column and optionally `id`. Without `id` a row is
+    named row-N and repeated prompts (an annotations file has one row per response) count once.
+    """
+    if not path:
+        from dprm_ray.data import builtin_prompts
+
+        return [
+            {"id": r["id"], "prompt": r["prompt"], "kind": r["kind"]}
+            for r in builtin_prompts(split)
+        ]
+    file = Path(path)
+    if not file.is_file():
+        raise FileNotFoundError(f"prompts file not found: {file}")
+    if file.suffix == ".parquet":
+        import pyarrow.parquet as pq
+
+        rows = pq.read_table(file).to_pylist()
+    elif file.suffix in (".jsonl", ".json"):
+        rows = []
+        for n, line in enumerate(file.read_text(encoding="utf-8").splitlines(), 1):
+            if line.strip():
+                try:
+                    rows.append(json.loads(line))
+                except json.JSONDecodeError as exc:
+                    raise ValueError(f"{file}:{n}: not JSON: {exc.msg}") from None
+    else:
+        raise ValueError(f"{file}: prompts must be .jsonl or .parquet")
+    out, seen = [], set()
+    for i, row in enumerate(rows):
+        prompt = row.get("prompt") if isinstance(row, dict) else None
+        if not isinstance(prompt, str) or not prompt.strip():
+            raise ValueError(f"{file}: row {i} has no non-empty `prompt` string")
+        if "id" not in row:
+            # Without ids (e.g. an annotations file: one row per response), a prompt counts once.
+            if prompt in seen:
+                continue
+            seen.add(prompt)
+        out.append({"id": str(row.get("id", f"row-{i}")), "prompt": prompt})
+    if not out:
+        raise ValueError(f"{file}: no prompts")
+    ids = [r["id"] for r in out]
+    if len(set(ids)) != len(ids):
+        raise ValueError(f"{file}: prompt ids are not unique")
+    return out
+
+
+def step_positions(seed: int, step: int, per_step: int, n: int) -> list[int]:
+    """Indices (into the n prompts) trained on at `step`: the next `per_step` positions of an
+    endless sequence of epochs, each a fresh permutation seeded by (seed, epoch)."""
+    out = []
+    for pos in range(step * per_step, (step + 1) * per_step):
+        epoch, offset = divmod(pos, n)
+        perm = np.random.default_rng([seed, epoch]).permutation(n)
+        out.append(int(perm[offset]))
+    return out
+
+
+# --------------------------------------------------------------------------- statistics
+
+
+def category_shares(distributions: np.ndarray, labels: list[str]) -> dict[str, float]:
+    """Table-2 style: the share of responses whose most likely category is each label, and the
+    mean probability of each label."""
+    probs = np.asarray(distributions, dtype=np.float64)
+    if probs.ndim != 2 or probs.shape[1] != len(labels):
+        raise ValueError(f"distributions must be [N, {len(labels)}], got {probs.shape}")
+    top = np.bincount(probs.argmax(axis=1), minlength=len(labels)) / max(1, len(probs))
+    mean = probs.mean(axis=0) if len(probs) else np.zeros(len(labels))
+    out = {f"share/{label}": float(s) for label, s in zip(labels, top, strict=True)}
+    out.update({f"prob/{label}": float(m) for label, m in zip(labels, mean, strict=True)})
+    return out
+
+
+def rollout_statistics(rollouts: list[dict[str, Any]], labels: list[str]) -> dict[str, float]:
+    """Reward mean/std, response length and (a DPRM) category shares of scored rollouts."""
+    rewards = np.array([r["reward"] for r in rollouts], dtype=np.float64)
+    lengths = np.array([len(r["response_ids"]) for r in rollouts], dtype=np.float64)
+    out = {
+        "reward_mean": float(rewards.mean()),
+        "reward_std": float(rewards.std()),
+        "response_length": float(lengths.mean()),
+    }
+    if labels and all("distribution" in r for r in rollouts):
+        out.update(category_shares(np.array([r["distribution"] for r in rollouts]), labels))
+    return out
+
+
+# --------------------------------------------------------------------------- driver state
+
+
+STATE_FILE = "driver_state.json"
+
+
+def latest_checkpoint(ckpt_root: Path) -> tuple[Path, dict[str, Any]] | None:
+    """(folder, driver state) of the newest complete checkpoint under `ckpt_root`, or None.
+
+    A checkpoint folder counts only once its driver state is written (the last file of a save).
+    """
+    if not ckpt_root.is_dir():
+        return None
+    found = []
+    for folder in ckpt_root.glob("step_*"):
+        state_file = folder / STATE_FILE
+        if state_file.is_file():
+            state = json.loads(state_file.read_text())
+            found.append((int(state["step"]), folder, state))
+    if not found:
+        return None
+    _, folder, state = max(found, key=lambda t: t[0])
+    return folder, state
