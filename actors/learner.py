@@ -87,6 +87,29 @@ class PolicyLearner:
     def step(self) -> int:
         return self.learner.step
 
+    # NCCL weight sync (GPU): rank 0 joins a group with every vLLM worker, the others only help
+    # gather under ZeRO-3.
+
+    def weights_meta(self) -> list[tuple[str, str, list[int]]]:
+        from dprm_ray.rollout import weights_meta
+
+        return weights_meta(self.learner.export_weights())
+
+    def init_weight_group(self, host: str, port: int, world_size: int) -> None:
+        import torch
+
+        from dprm_ray.rollout import nccl_group
+
+        if self.rank == 0:
+            self.weight_group = nccl_group(host, port, 0, world_size, torch.device("cuda:0"))
+
+    def broadcast_weights(self) -> None:
+        from dprm_ray.rollout import broadcast_weights
+
+        weights = self.learner.export_weights()
+        if self.rank == 0:
+            broadcast_weights(self.weight_group, weights)
+
 
 class LearnerGroup:
     """`cfg.num_ranks` PolicyLearner actors in a placement group, set up and ready to train.
@@ -144,6 +167,10 @@ class LearnerGroup:
         ray.get(refs[1:])  # the other ranks only help gather (ZeRO-3); wait so none lags behind
         ray.wait(refs[:1])
         return refs[0]
+
+    def broadcast_weights_refs(self) -> list[ray.ObjectRef]:
+        """Start the NCCL broadcast of the policy (the receivers must be called too)."""
+        return [a.broadcast_weights.remote() for a in self.actors]
 
     def save_checkpoint(self, ckpt_dir: str, step: int | None = None) -> str:
         return self.call_rank0("save_checkpoint", str(ckpt_dir), step)

@@ -163,6 +163,8 @@ def stream_step(
             scoring[scored] = (chunk, new_shard, (gen_ref, worker), tries + 1)
             on_event("rescore", step=step, chunk=chunk, shard=new_shard)
         elif isinstance(gen_error, StaleWeightsError):  # restarted with older weights
+            if callable(weights):
+                weights = weights()
             pool.workers[worker].load_weights.remote(weights, version)
             dispatch(chunk)
         elif isinstance(gen_error, ray.exceptions.RayActorError):  # the worker died
@@ -182,22 +184,71 @@ def stream_step(
     return scored_rollouts, stats
 
 
-def sync_weights(pool: RolloutPool, weights: Any, version: int, timeout_s: float) -> None:
-    """Load `weights` into every live rollout worker; fail loudly after `timeout_s`."""
+def _wait_all(refs: list[Any], timeout_s: float, what: str) -> None:
+    """Wait for every ref; raise TimeoutError naming `what` after `timeout_s`."""
     import ray
 
-    refs = [pool.workers[i].load_weights.remote(weights, version) for i in pool.alive()]
     ready, pending = ray.wait(refs, num_returns=len(refs), timeout=timeout_s)
     if pending:
         raise TimeoutError(
-            f"weight sync (version {version}) to {len(pending)} rollout worker(s) did not finish "
-            f"within rollout.sync_timeout_s={timeout_s} s"
+            f"{what}: {len(pending)} of {len(refs)} call(s) did not finish within "
+            f"rollout.sync_timeout_s={timeout_s} s"
         )
     for ref in ready:
         error = _error_of(ref)
         # A worker that died here is restarted by Ray and reloads when it raises StaleWeights.
         if error is not None and not isinstance(error, ray.exceptions.RayActorError):
             raise error
+
+
+def sync_weights(pool: RolloutPool, weights: Any, version: int, timeout_s: float) -> None:
+    """Load `weights` (an object ref) into every live rollout worker; fail loudly after
+    `timeout_s`."""
+    refs = [pool.workers[i].load_weights.remote(weights, version) for i in pool.alive()]
+    _wait_all(refs, timeout_s, f"weight sync (version {version}) to the rollout workers")
+
+
+class PolicySync:
+    """How new policy weights reach the rollout workers (`rollout.sync`).
+
+    object_store: learner rank 0 puts the state dict in the object store once; every worker
+    loads it from there. nccl (GPUs): learner rank 0 and every vLLM worker (each of its tensor
+    parallel shards) form one NCCL group at start-up; a sync broadcasts each tensor from rank 0.
+    A worker restarted by Ray is not in that group: it gets the weights through the object store
+    when it reports stale weights, but the next broadcast then times out (rollout.sync_timeout_s)
+    and the run stops, to be resumed from its last checkpoint.
+    """
+
+    def __init__(self, learner: Any, pool: RolloutPool, cfg: Any):
+        import ray
+
+        self.learner, self.pool, self.cfg = learner, pool, cfg
+        self.meta = None
+        if cfg.sync == "nccl":
+            host, port = ray.get(learner.actors[0].master_address.remote())
+            tp = cfg.vllm.tensor_parallel_size
+            world = 1 + len(pool.workers) * tp
+            refs = [learner.actors[0].init_weight_group.remote(host, port, world)]
+            refs += [
+                w.nccl_init.remote(host, port, 1 + i * tp, world)
+                for i, w in enumerate(pool.workers)
+            ]
+            _wait_all(refs, cfg.sync_timeout_s, "NCCL weight group set-up")
+            self.meta = learner.call_rank0("weights_meta")
+
+    def push(self, version: int) -> Any:
+        """Send the learner's current weights as `version`; what a restarted worker loads (an
+        object ref, or a callable making one)."""
+        if self.meta is None:
+            weights = self.learner.export_weights_ref()
+            sync_weights(self.pool, weights, version, self.cfg.sync_timeout_s)
+            return weights
+        refs = self.learner.broadcast_weights_refs()
+        refs += [
+            self.pool.workers[i].nccl_receive.remote(self.meta, version) for i in self.pool.alive()
+        ]
+        _wait_all(refs, self.cfg.sync_timeout_s, f"NCCL weight sync (version {version})")
+        return self.learner.export_weights_ref
 
 
 def _items(prompts: list[dict[str, str]], indices: list[int], step: int) -> list[dict[str, str]]:
@@ -281,6 +332,7 @@ def train_policy(cfg: Any, on_event: Event = _no_event) -> dict[str, Any]:
     try:
         shards.wait_ready()
         pool.wait_ready()
+        policy_sync = PolicySync(learner, pool, typed.rollout)
         timings["time/startup"] = time.perf_counter() - t0
         step, version, weights = 0, 0, None
         state: dict[str, Any] = {}
@@ -289,8 +341,7 @@ def train_policy(cfg: Any, on_event: Event = _no_event) -> dict[str, Any]:
             step = learner.load_checkpoint(str(ckpt_root), folder.name)
             if step != state["step"]:
                 raise RuntimeError(f"{folder}: learner step {step} != driver step {state['step']}")
-            version, weights = step, learner.export_weights_ref()
-            sync_weights(pool, weights, version, typed.rollout.sync_timeout_s)
+            version, weights = step, policy_sync.push(step)
             print(f"train-policy: resumed from {folder} at step {step}")
         before = state.get("before") or evaluate(
             pool, shards, eval_prompts, version, weights, typed
@@ -310,8 +361,7 @@ def train_policy(cfg: Any, on_event: Event = _no_event) -> dict[str, Any]:
             phase["time/train"] = time.perf_counter() - t
             t = time.perf_counter()
             step, version = step + 1, step + 1
-            weights = learner.export_weights_ref()
-            sync_weights(pool, weights, version, typed.rollout.sync_timeout_s)
+            weights = policy_sync.push(version)
             phase["time/sync"] = time.perf_counter() - t
             last = {
                 "step": step,
@@ -319,7 +369,11 @@ def train_policy(cfg: Any, on_event: Event = _no_event) -> dict[str, Any]:
                 **{k: v for k, v in train_metrics.items() if k != "step"},
                 **phase,
             }
-            record = {**last, "prompt_ids": [r["prompt_id"] for r in scored]}
+            record = {
+                **last,
+                "prompt_ids": [r["prompt_id"] for r in scored],
+                "weight_versions": sorted({r["version"] for r in scored}),
+            }
             with open(log_file, "a") as f:
                 f.write(json.dumps(record) + "\n")
             if run is not None:

