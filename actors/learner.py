@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import socket
+import time
 from typing import Any
 
 import ray
@@ -36,6 +37,7 @@ class PolicyLearner:
         configure_deepspeed_env(self.cfg.gpus_per_rank > 0)
         os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
         self.learner = None
+        self.export_seconds = 0.0
 
     def master_address(self) -> tuple[str, int]:
         """This node's address and a free port for the process group (asked of rank 0)."""
@@ -62,10 +64,18 @@ class PolicyLearner:
         self.learner = PPOLearner(self.cfg, self.ppo)
 
     def train(self, rollouts: list[dict[str, Any]]) -> dict[str, float]:
-        return self.learner.train(rollouts)
+        start = time.perf_counter()
+        metrics = self.learner.train(rollouts)
+        # Model time inside the actor, and of the last export (for the driver's timings).
+        metrics["time/learner_compute"] = time.perf_counter() - start
+        metrics["time/last_export"] = self.export_seconds
+        return metrics
 
     def export_weights(self) -> dict[str, Any]:
-        return self.learner.export_weights()
+        start = time.perf_counter()
+        weights = self.learner.export_weights()
+        self.export_seconds = time.perf_counter() - start
+        return weights
 
     def save_checkpoint(self, ckpt_dir: str, step: int | None = None) -> str:
         return self.learner.save_checkpoint(ckpt_dir, step)

@@ -11,6 +11,7 @@ With `tensor_parallel_size > 1` on GPUs vLLM starts its own Ray workers for the 
 from __future__ import annotations
 
 import os
+import time
 from typing import Any
 
 import ray
@@ -24,6 +25,7 @@ class RolloutWorker:
         os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
         self.engine = make_engine(cfg, model, seed)
         self.version = 0
+        self.reload_seconds = 0.0
 
     def ready(self) -> bool:
         return True
@@ -39,14 +41,21 @@ class RolloutWorker:
             raise StaleWeightsError(
                 f"worker holds weights v{self.version}, the call wants v{version}"
             )
+        start = time.perf_counter()
         rollouts = self.engine.generate(items, step)
+        seconds = time.perf_counter() - start
         for rollout in rollouts:
-            rollout["version"] = version
+            # Model time of this call and of the last weight load (the driver's timings).
+            rollout.update(
+                version=version, generate_seconds=seconds, reload_seconds=self.reload_seconds
+            )
         return rollouts
 
     def load_weights(self, weights: dict[str, Any], version: int) -> int:
         """Take a plain HF state dict (resolved by Ray from the learner's object ref)."""
+        start = time.perf_counter()
         self.engine.load_weights(weights)
+        self.reload_seconds = time.perf_counter() - start
         self.version = version
         return version
 
@@ -58,7 +67,9 @@ class RolloutWorker:
         self.engine.nccl_init(host, port, rank, world_size)
 
     def nccl_receive(self, meta: list[tuple[str, str, list[int]]], version: int) -> int:
+        start = time.perf_counter()
         self.engine.nccl_receive(meta)
+        self.reload_seconds = time.perf_counter() - start
         self.version = version
         return version
 

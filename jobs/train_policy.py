@@ -119,6 +119,8 @@ def stream_step(
     results: dict[int, list[dict[str, Any]]] = {}
     attempts = [0] * len(chunks)
     stats = {"redispatched": 0.0, "rescored": 0.0}
+    busy: dict[int, float] = {}  # model seconds of each rollout worker's accepted chunks
+    last_reward = 0.0
     start = time.perf_counter()
     generated_at = start
 
@@ -152,6 +154,8 @@ def stream_step(
         if error is None:
             if chunk not in results:  # a chunk is accepted once, whatever happened before
                 results[chunk] = ray.get(ref)
+                busy[worker] = busy.get(worker, 0.0) + results[chunk][0]["generate_seconds"]
+                last_reward = sum(r["reward_seconds"] for r in results[chunk])
             continue
         gen_error = _error_of(gen_ref)
         if gen_error is None:  # the shard failed: score the same rollouts elsewhere
@@ -179,6 +183,9 @@ def stream_step(
         {
             "time/generate": generated_at - start,
             "time/reward": end - generated_at,  # the scoring tail after the last generation
+            # Model time on the critical path: the busiest worker, then the last chunk's scoring.
+            "compute/generate": max(busy.values()),
+            "compute/reward_tail": last_reward,
         }
     )
     return scored_rollouts, stats
@@ -359,6 +366,10 @@ def train_policy(cfg: Any, on_event: Event = _no_event) -> dict[str, Any]:
             t = time.perf_counter()
             train_metrics = learner.train(scored)
             phase["time/train"] = time.perf_counter() - t
+            phase["compute/train"] = train_metrics.pop("time/learner_compute")
+            phase["compute/last_sync"] = train_metrics.pop("time/last_export") + max(
+                r["reload_seconds"] for r in scored
+            )
             t = time.perf_counter()
             step, version = step + 1, step + 1
             weights = policy_sync.push(version)

@@ -16,6 +16,7 @@ BUILT = {
     "annotate",
     "sweep",
     "serve",
+    "train-policy",
 }
 
 
