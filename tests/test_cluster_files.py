@@ -141,15 +141,11 @@ def test_rayjob_runs_the_ppo_job_on_one_gpu_node_with_output_on_the_shared_volum
     config_file = argv[argv.index("--config") + 1]
     overrides = dict(a.split("=", 1) for a in argv[3:] if "=" in a)
     assert overrides["output_dir"].startswith(SHARED + "/")
-    if (REPO / config_file).is_file():
-        first = (REPO / config_file).read_text().splitlines()[0]
-        assert first == "# dprm-ray train-policy", f"{config_file}: first line {first!r}"
-        # The job accepts the preset and the overrides of the entrypoint.
-        proc = run_cli("train-policy", *argv[3:], "--print-config")
-        assert proc.returncode == 0, proc.stderr[-2000:]
-    else:  # the preset comes with issue #5's PPO job, and the README says so
-        readme = (CLUSTER / "README.md").read_text()
-        assert config_file in readme and "issue #5" in readme
+    first = (REPO / config_file).read_text().splitlines()[0]
+    assert first == "# dprm-ray train-policy", f"{config_file}: first line {first!r}"
+    # The job accepts the preset and the overrides of the entrypoint.
+    proc = run_cli("train-policy", *argv[3:], "--print-config")
+    assert proc.returncode == 0, proc.stderr[-2000:]
 
     # The job runs from the project copy in the image, uploaded as its working_dir.
     runtime_env = yaml.safe_load(spec["runtimeEnvYAML"])
