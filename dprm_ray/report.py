@@ -1,0 +1,264 @@
+"""The quickstart report: one HTML page with PNG charts, written atomically.
+
+What it shows (DESIGN.md, "paper Table 2"): for each policy, the share of its responses to the
+held-out prompts that the persona judge puts in each category of the label space, as mean ± std
+over the sampling seeds; then the PPO runs' reward and KL curves, the configs used and how long
+each stage took. Pure NumPy + matplotlib (the object API with the Agg canvas, so no pyplot
+state), no Ray.
+"""
+
+from __future__ import annotations
+
+import html
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from dprm_ray.data import atomic_dir
+
+SHARES_PNG = "shares.png"
+CURVES_PNG = "curves.png"
+
+
+@dataclass(frozen=True)
+class ShareStats:
+    """Per-seed category shares of one policy's judged responses."""
+
+    per_seed: np.ndarray  # [S, K]: share of the seed's responses in each category
+    counts: np.ndarray  # [S]: responses judged per seed
+
+    @property
+    def mean(self) -> np.ndarray:
+        return self.per_seed.mean(axis=0)
+
+    @property
+    def std(self) -> np.ndarray:
+        # The sample std over seeds (0 with a single seed).
+        if len(self.per_seed) < 2:
+            return np.zeros(self.per_seed.shape[1])
+        return self.per_seed.std(axis=0, ddof=1)
+
+    def score(self, scores: Sequence[float]) -> tuple[float, float]:
+        """Mean ± std over seeds of the average label score of the responses."""
+        per_seed = self.per_seed @ np.asarray(scores, dtype=np.float64)
+        std = float(per_seed.std(ddof=1)) if len(per_seed) > 1 else 0.0
+        return float(per_seed.mean()), std
+
+
+def share_stats(categories: Mapping[int, Sequence[int]], num_labels: int) -> ShareStats:
+    """ShareStats from each sampling seed's judged categories (one label index per response)."""
+    if not categories:
+        raise ValueError("no seeds: need the judged categories of at least one seed")
+    rows, counts = [], []
+    for seed in sorted(categories):
+        cats = np.asarray(categories[seed], dtype=np.int64)
+        if len(cats) == 0:
+            raise ValueError(f"seed {seed}: no judged responses")
+        if cats.min() < 0 or cats.max() >= num_labels:
+            raise ValueError(f"seed {seed}: category outside 0..{num_labels - 1}")
+        rows.append(np.bincount(cats, minlength=num_labels) / len(cats))
+        counts.append(len(cats))
+    return ShareStats(np.array(rows, dtype=np.float64), np.array(counts, dtype=np.int64))
+
+
+@dataclass
+class Report:
+    title: str
+    labels: Sequence[str]  # the label space's categories, in order
+    scores: Sequence[float]  # their scores
+    shares: Mapping[str, ShareStats]  # policy name -> stats, in display order
+    curves: Mapping[str, Sequence[Mapping[str, Any]]] = field(default_factory=dict)
+    # PPO run name -> its steps.jsonl records (step, reward_mean, reward_std, kl, ...)
+    facts: Mapping[str, str] = field(default_factory=dict)  # the run at a glance
+    ppo_summary: Mapping[str, Mapping[str, float]] = field(default_factory=dict)
+    timings: Sequence[tuple[str, str, float]] = ()  # (stage, ran | skipped, seconds)
+    configs: Mapping[str, str] = field(default_factory=dict)  # name -> YAML text
+    notes: Sequence[str] = ()
+
+
+def _pct(mean: float, std: float) -> str:
+    return f"{100 * mean:.1f} ± {100 * std:.1f}"
+
+
+def _wrap_label(label: str) -> str:
+    return label.replace(" & ", " &\n")
+
+
+def plot_shares(report: Report, path: Path) -> None:
+    """Grouped bars: one group per category, one bar per policy, std over seeds as error bars."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    names = list(report.shares)
+    k = len(report.labels)
+    fig = Figure(figsize=(10, 4.8), dpi=110)
+    FigureCanvasAgg(fig)
+    ax = fig.add_subplot(1, 1, 1)
+    width = 0.8 / max(1, len(names))
+    x = np.arange(k)
+    for i, name in enumerate(names):
+        stats = report.shares[name]
+        ax.bar(
+            x + (i - (len(names) - 1) / 2) * width,
+            100 * stats.mean,
+            width,
+            yerr=100 * stats.std,
+            capsize=3,
+            label=name,
+        )
+    ax.set_xticks(x, [_wrap_label(label) for label in report.labels], fontsize=8)
+    ax.set_ylabel("share of responses (%)")
+    ax.set_title("Held-out responses by judged category (mean ± std over sampling seeds)")
+    ax.set_ylim(bottom=0)
+    ax.grid(axis="y", alpha=0.3)
+    ax.legend(fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path)
+
+
+def plot_curves(report: Report, path: Path) -> None:
+    """Reward (mean ± std band) and KL per PPO step, one line per run."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+    from matplotlib.ticker import MaxNLocator
+
+    fig = Figure(figsize=(10, 3.8), dpi=110)
+    FigureCanvasAgg(fig)
+    reward_ax, kl_ax = fig.add_subplot(1, 2, 1), fig.add_subplot(1, 2, 2)
+    for name, records in report.curves.items():
+        steps = np.array([r["step"] for r in records], dtype=np.float64)
+        mean = np.array([r.get("reward_mean", math.nan) for r in records], dtype=np.float64)
+        std = np.array([r.get("reward_std", 0.0) for r in records], dtype=np.float64)
+        kl = np.array([r.get("kl", math.nan) for r in records], dtype=np.float64)
+        (line,) = reward_ax.plot(steps, mean, marker="o", label=name)
+        reward_ax.fill_between(steps, mean - std, mean + std, color=line.get_color(), alpha=0.15)
+        kl_ax.plot(steps, kl, marker="o", label=name)
+    reward_ax.set_title("reward of the step's rollouts (its own reward model)", fontsize=10)
+    kl_ax.set_title("KL to the reference policy", fontsize=10)
+    for ax in (reward_ax, kl_ax):
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.set_xlabel("PPO step")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path)
+
+
+CSS = """
+body { font-family: system-ui, -apple-system, "Segoe UI", sans-serif; max-width: 1100px;
+       margin: 2em auto; padding: 0 1em; color: #222; line-height: 1.45; }
+h1 { margin-bottom: 0.2em; } h2 { margin-top: 1.6em; border-bottom: 1px solid #ddd; }
+table { border-collapse: collapse; margin: 0.8em 0; font-size: 0.92em; }
+th, td { border: 1px solid #ccc; padding: 0.3em 0.6em; text-align: right; }
+td { white-space: nowrap; }
+th:first-child, td:first-child { text-align: left; }
+thead th { background: #f3f3f3; } td.best { font-weight: bold; }
+table.facts td { text-align: left; }
+img { max-width: 100%; border: 1px solid #eee; }
+pre { background: #f7f7f7; padding: 0.8em; overflow-x: auto; font-size: 0.85em; }
+.note { color: #555; font-size: 0.92em; }
+"""
+
+
+def _row(cells: Sequence[str], tag: str = "td", classes: Sequence[str] = ()) -> str:
+    out = []
+    for i, cell in enumerate(cells):
+        cls = f' class="{classes[i]}"' if i < len(classes) and classes[i] else ""
+        out.append(f"<{tag}{cls}>{cell}</{tag}>")
+    return "<tr>" + "".join(out) + "</tr>"
+
+
+def shares_table(report: Report) -> str:
+    """Policies x categories, "mean ± std" in %, plus the mean label score; the best policy's
+    Helpful-and-Harmless share (the first label) in bold."""
+    esc = html.escape
+    head = ["policy", *(f"{esc(label)} (%)" for label in report.labels), "mean score", "n"]
+    firsts = sorted((stats.mean[0], name) for name, stats in report.shares.items())
+    # Bold only a strict winner.
+    best = firsts[-1][1] if len(firsts) > 1 and firsts[-1][0] > firsts[-2][0] else None
+    rows = []
+    for name, stats in report.shares.items():
+        score, score_std = stats.score(report.scores)
+        cells = [esc(name)]
+        cells += [_pct(m, s) for m, s in zip(stats.mean, stats.std, strict=True)]
+        cells += [f"{score:.3f} ± {score_std:.3f}", f"{len(stats.counts)} × {stats.counts.min()}"]
+        classes = ["", "best" if name == best else ""]
+        rows.append(_row(cells, classes=classes))
+    return (
+        '<table id="shares"><thead>'
+        + _row(head, "th")
+        + "</thead><tbody>"
+        + "".join(rows)
+        + "</tbody></table>"
+    )
+
+
+def render_html(report: Report, images: Sequence[str] = (SHARES_PNG, CURVES_PNG)) -> str:
+    esc = html.escape
+    parts = [
+        "<!DOCTYPE html>",
+        '<html lang="en"><head><meta charset="utf-8">',
+        f"<title>{esc(report.title)}</title><style>{CSS}</style></head><body>",
+        f"<h1>{esc(report.title)}</h1>",
+    ]
+    if report.facts:
+        parts.append('<table class="facts">')
+        parts += [_row([esc(k), esc(v)]) for k, v in report.facts.items()]
+        parts.append("</table>")
+    parts += [
+        "<h2>Held-out responses by category</h2>",
+        '<p class="note">Each policy answers the held-out prompts once per sampling seed; the '
+        "persona-crowd judge labels every response (category = the argmax of its posterior). A "
+        "cell is the share of a seed's responses in that category, mean ± std over the seeds. "
+        "The judge is independent of the reward models, so the comparison is fair to both. "
+        "<i>mean score</i> is the average label score; <i>n</i> is seeds × responses per "
+        "seed.</p>",
+        shares_table(report),
+    ]
+    if SHARES_PNG in images:
+        parts.append(f'<p><img src="{SHARES_PNG}" alt="category shares per policy"></p>')
+    parts.append("<h2>PPO training</h2>")
+    if report.curves and CURVES_PNG in images:
+        parts.append(f'<p><img src="{CURVES_PNG}" alt="reward and KL per PPO step"></p>')
+    else:
+        parts.append('<p class="note">No PPO steps were logged.</p>')
+    if report.ppo_summary:
+        keys = list(dict.fromkeys(k for s in report.ppo_summary.values() for k in s))
+        parts.append("<table><thead>" + _row(["run", *map(esc, keys)], "th") + "</thead><tbody>")
+        for name, summary in report.ppo_summary.items():
+            cells = [f"{summary[k]:.3f}" if k in summary else "" for k in keys]
+            parts.append(_row([esc(name), *cells]))
+        parts.append("</tbody></table>")
+    if report.timings:
+        parts.append("<h2>Stage timings</h2><table><thead>")
+        parts.append(_row(["stage", "this run", "seconds"], "th") + "</thead><tbody>")
+        parts += [_row([esc(s), esc(st), f"{sec:.1f}"]) for s, st, sec in report.timings]
+        total = sum(sec for _, _, sec in report.timings)
+        parts.append(_row(["<b>sum</b>", "", f"<b>{total:.1f}</b>"]) + "</tbody></table>")
+    if report.notes:
+        parts.append("<h2>Notes</h2><ul>")
+        parts += [f"<li>{esc(note)}</li>" for note in report.notes]
+        parts.append("</ul>")
+    if report.configs:
+        parts.append("<h2>Configs used</h2>")
+        for name, text in report.configs.items():
+            parts.append(f"<details><summary>{esc(name)}</summary><pre>{esc(text)}</pre></details>")
+    parts.append("</body></html>")
+    return "\n".join(parts) + "\n"
+
+
+def write_report(report: Report, out_dir: str | Path) -> Path:
+    """Write `out_dir/index.html` with its PNGs; the folder appears only once complete."""
+    out = Path(out_dir)
+    with atomic_dir(out) as tmp:
+        images = [SHARES_PNG]
+        plot_shares(report, tmp / SHARES_PNG)
+        if report.curves:
+            plot_curves(report, tmp / CURVES_PNG)
+            images.append(CURVES_PNG)
+        (tmp / "index.html").write_text(render_html(report, images), encoding="utf-8")
+    return out / "index.html"
