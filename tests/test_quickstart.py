@@ -1,0 +1,159 @@
+"""quickstart: the report's figures and page (fast), and the whole tiny run end to end (slow)."""
+
+import json
+import time
+
+import numpy as np
+import pytest
+from conftest import run_cli
+from PIL import Image
+
+from dprm_ray.labels import hh6
+from dprm_ray.report import Report, render_html, share_stats, write_report
+from jobs.quickstart import METHODS, QuickstartConfig, resolve
+
+
+def test_share_stats_mean_and_std_over_seeds():
+    # Seed 0: 3 of 4 answers in category 0, 1 in category 2; seed 1: 1 of 2 in 0, 1 in 5.
+    stats = share_stats({1: [0, 5], 0: [0, 0, 2, 0]}, 6)
+    assert stats.per_seed.tolist() == [[0.75, 0, 0.25, 0, 0, 0], [0.5, 0, 0, 0, 0, 0.5]]
+    assert stats.mean.tolist() == pytest.approx([0.625, 0, 0.125, 0, 0, 0.25])
+    # The sample std of two values a, b is |a - b| / sqrt(2).
+    assert stats.std.tolist() == pytest.approx(
+        [0.25 / np.sqrt(2), 0, 0.25 / np.sqrt(2), 0, 0, 0.5 / np.sqrt(2)]
+    )
+    assert stats.counts.tolist() == [4, 2]
+    score, score_std = stats.score(hh6.scores)  # seed 0: 0.75 - 0.25; seed 1: 0.5 - 1.5
+    assert (score, score_std) == pytest.approx((-0.25, 1.5 / np.sqrt(2)))
+    single = share_stats({3: [1, 1]}, 6)
+    assert single.std.tolist() == [0] * 6 and single.mean[1] == 1
+    with pytest.raises(ValueError, match="outside 0..5"):
+        share_stats({0: [6]}, 6)
+    with pytest.raises(ValueError, match="seed 2: no judged responses"):
+        share_stats({2: []}, 6)
+
+
+def sample_report(curves: bool = True) -> Report:
+    shares = {
+        "Vanilla": share_stats({0: [0, 2, 5, 5], 1: [2, 2, 5, 3]}, 6),
+        "PPO + BT-RM": share_stats({0: [0, 0, 2, 5], 1: [0, 1, 2, 5]}, 6),
+        "PPO + DPRM_OT": share_stats({0: [0, 0, 0, 1], 1: [0, 0, 1, 4]}, 6),
+    }
+    steps = [
+        {"step": s, "reward_mean": 0.1 * s, "reward_std": 0.05, "kl": 0.01 * s} for s in (1, 2)
+    ]
+    return Report(
+        title="test <report>",
+        labels=list(hh6.labels),
+        scores=list(hh6.scores),
+        shares=shares,
+        curves={"PPO + DPRM_OT": steps, "PPO + BT-RM": steps} if curves else {},
+        facts={"policy": "tiny"},
+        ppo_summary={"PPO + DPRM_OT": {"reward before": -0.5, "reward after": 0.25}},
+        timings=[("annotate", "ran", 12.25), ("ppo-ot", "skipped", 30.0)],
+        configs={"quickstart plan": "size: tiny\nnote: <b>"},
+        notes=["a note & more"],
+    )
+
+
+def test_render_html_has_the_table_timings_and_configs():
+    page = render_html(sample_report())
+    table = page[page.index('<table id="shares">') : page.index("</table>", page.index("shares"))]
+    for name in ("Vanilla", "PPO + BT-RM", "PPO + DPRM_OT"):
+        assert f"<td>{name}</td>" in table
+    for label in hh6.labels:
+        assert f"{label.replace('&', '&amp;')} (%)" in table
+    # DPRM_OT: 5 of 8 answers Helpful & Harmless: 75.0 and 50.0 -> 62.5 ± 17.7, the best share.
+    assert '<td class="best">62.5 ± 17.7</td>' in table
+    assert (
+        "<tr><td>PPO + BT-RM</td><td>37.5 ± 17.7</td><td>12.5 ± 17.7</td><td>25.0 ± 0.0</td>"
+        "<td>0.0 ± 0.0</td><td>0.0 ± 0.0</td><td>25.0 ± 0.0</td><td>-0.562 ± 0.088</td>"
+        "<td>2 × 4</td></tr>"
+    ) in table
+    assert page.count('class="best"') == 1
+    tied = sample_report()
+    tied.shares = {"a": share_stats({0: [1]}, 6), "b": share_stats({0: [2]}, 6)}
+    assert 'class="best"' not in render_html(tied)  # no winner, nothing in bold
+    assert "<title>test &lt;report&gt;</title>" in page
+    assert "<td>annotate</td><td>ran</td><td>12.2</td>" in page
+    assert "<td>ppo-ot</td><td>skipped</td><td>30.0</td>" in page
+    assert "note: &lt;b&gt;" in page and "a note &amp; more" in page
+    assert "<td>-0.500</td><td>0.250</td>" in page  # the PPO before/after summary
+    assert 'src="shares.png"' in page and 'src="curves.png"' in page
+
+
+def test_write_report_writes_the_page_and_valid_pngs(tmp_path):
+    index = write_report(sample_report(), tmp_path / "report")
+    assert index == tmp_path / "report" / "index.html"
+    for name in ("shares.png", "curves.png"):
+        with Image.open(tmp_path / "report" / name) as image:
+            image.verify()
+            assert image.format == "PNG" and image.size[0] > 600
+    # Without PPO logs: no curves image, and the page says so; the old folder is replaced whole.
+    write_report(sample_report(curves=False), tmp_path / "report")
+    assert not (tmp_path / "report" / "curves.png").exists()
+    assert "No PPO steps were logged" in index.read_text()
+    assert [p.name for p in tmp_path.iterdir()] == ["report"]  # no temporary folder left
+
+
+def test_sizes_resolve_and_explicit_keys_win():
+    from omegaconf import OmegaConf
+
+    from dprm_ray.config import ConfigError
+
+    def cfg(**values):
+        return OmegaConf.merge(OmegaConf.structured(QuickstartConfig), values)
+
+    default = resolve(cfg())
+    assert (default.policy, default.engine, default.judge_backend) == ("smollm2", "vllm", "vllm")
+    tiny = resolve(cfg(size="tiny", ppo_steps=3, train_policy_args=["ppo.kl_coef=0.1"]))
+    assert (tiny.policy, tiny.encoder, tiny.ppo_steps) == ("tiny", "tiny-encoder", 3)
+    assert tiny.train_policy_args[-1] == "ppo.kl_coef=0.1"  # after the size's own args
+    with pytest.raises(ConfigError, match="size: unknown size 'huge'"):
+        resolve(cfg(size="huge"))
+    with pytest.raises(ConfigError, match="responses_per_prompt"):
+        resolve(cfg(responses_per_prompt=1))
+
+
+def test_quickstart_size_key_is_accepted_and_bad_sizes_fail_before_ray(tmp_path):
+    proc = run_cli("quickstart", "--print-config", "quickstart.size=tiny")
+    assert proc.returncode == 0, proc.stderr
+    assert "size: tiny" in proc.stdout
+    proc = run_cli("quickstart", "size=huge", f"output_dir={tmp_path}")
+    assert proc.returncode == 2 and "unknown size 'huge'" in proc.stderr
+
+
+@pytest.mark.slow
+def test_tiny_quickstart_end_to_end_then_a_rerun_skips_every_stage(tmp_path):
+    out = tmp_path / "qs"
+    start = time.perf_counter()
+    proc = run_cli("quickstart", "quickstart.size=tiny", f"output_dir={out}", timeout=900)
+    first = time.perf_counter() - start
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
+    page = (out / "report" / "index.html").read_text()
+    table = page[page.index('<table id="shares">') :]
+    table = table[: table.index("</table>")]
+    for name in METHODS.values():
+        assert f"<td>{name}</td>" in table
+    for label in hh6.labels:
+        assert f"{label.replace('&', '&amp;')} (%)" in table
+    for name in ("shares.png", "curves.png"):
+        with Image.open(out / "report" / name) as image:
+            image.verify()
+            assert image.format == "PNG"
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert set(metrics["shares"]) == set(METHODS.values())
+    for stats in metrics["shares"].values():
+        assert sum(stats["mean"]) == pytest.approx(1.0)
+    ppo = json.loads((out / "ppo-ot" / "metrics.json").read_text())
+    assert ppo["steps"] == 2 and (out / "ppo-bt" / "steps.jsonl").is_file()
+
+    start = time.perf_counter()
+    again = run_cli("quickstart", "size=tiny", f"output_dir={out}")
+    assert again.returncode == 0, again.stderr[-4000:]
+    assert time.perf_counter() - start < min(60, first / 3)
+    assert json.loads((out / "metrics.json").read_text())["ran"] == 0
+    assert again.stdout.count("skipped") >= 14
+    assert "$ dprm-ray" not in again.stdout  # no sub-job started
+    proc = run_cli("quickstart", "size=default", f"output_dir={out}")
+    assert proc.returncode == 2 and "holds a run with other settings" in proc.stderr
