@@ -86,6 +86,12 @@ class TrainPolicyConfig:
                 f"prompts_per_step ({self.prompts_per_step}) must be a multiple of "
                 f"learner.num_ranks ({self.learner.num_ranks})"
             )
+        if self.rollout.temperature != self.ppo.temperature:
+            # The learner's log-probs must be those of the distribution that sampled.
+            raise ValueError(
+                f"rollout.temperature ({self.rollout.temperature}) must equal "
+                f"ppo.temperature ({self.ppo.temperature})"
+            )
         if self.keep_checkpoints < 1:
             raise ValueError(f"keep_checkpoints must be >= 1, got {self.keep_checkpoints}")
 
