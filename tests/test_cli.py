@@ -1,5 +1,3 @@
-import json
-
 import pytest
 from conftest import run_cli
 
@@ -61,13 +59,3 @@ def test_print_config_shows_resolved_values():
     proc = run_cli("quickstart", "--print-config", "max_new_tokens=7", "--policy", "tiny")
     assert proc.returncode == 0, proc.stderr
     assert "max_new_tokens: 7" in proc.stdout and "policy: tiny" in proc.stdout
-
-
-@pytest.mark.slow
-def test_quickstart_smoke_run(tmp_path):
-    proc = run_cli("quickstart", f"output_dir={tmp_path}", "max_new_tokens=8")
-    assert proc.returncode == 0, proc.stderr
-    metrics = json.loads((tmp_path / "metrics.json").read_text())
-    assert metrics["responses"] == 3 and metrics["embedding_dim"] == 384
-    assert "max_new_tokens: 8" in (tmp_path / "config.yaml").read_text()
-    assert (tmp_path / "rollouts.parquet").is_file()
