@@ -128,7 +128,7 @@ class LearnerGroup:
     `dprm_ray.ppo.PPOConfig` likewise.
     """
 
-    def __init__(self, cfg: Any, ppo: Any, name: str = "learner"):
+    def __init__(self, cfg: Any, ppo: Any, runtime_env: dict | None = None):
         from ray.util.placement_group import placement_group
         from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
@@ -152,6 +152,7 @@ class LearnerGroup:
                 scheduling_strategy=PlacementGroupSchedulingStrategy(
                     self.placement, placement_group_bundle_index=rank
                 ),
+                runtime_env=runtime_env,
             ).remote(rank, n, self.cfg, self.ppo)
             for rank in range(n)
         ]

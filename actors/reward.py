@@ -74,12 +74,12 @@ def reward_shard_actor(cfg: RewardConfig) -> Any:
 class ShardedReward:
     """The reward shards of a run, with per-shard in-flight counts for least-loaded dispatch."""
 
-    def __init__(self, cfg: RewardConfig):
+    def __init__(self, cfg: RewardConfig, runtime_env: dict | None = None):
         cfg.validate()
         self.cfg = cfg
         actor = reward_shard_actor(cfg)
         self.shards = [
-            actor.options(name=None).remote(cfg.model, cfg.max_length, cfg.batch_size)
+            actor.options(runtime_env=runtime_env).remote(cfg.model, cfg.max_length, cfg.batch_size)
             for _ in range(cfg.num_shards)
         ]
         self.in_flight = [0] * cfg.num_shards

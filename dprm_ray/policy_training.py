@@ -68,6 +68,13 @@ class TrainPolicyConfig:
     checkpoint_every: int = field(default=10, metadata={"help": "steps between checkpoints"})
     keep_checkpoints: int = field(default=2, metadata={"help": "checkpoints kept on disk"})
     resume: bool = field(default=True, metadata={"help": "continue from the latest checkpoint"})
+    actor_threads: int = field(
+        default=0,
+        metadata={
+            "help": "torch/OMP threads per actor (0: Ray's default, one per CPU it asks for); "
+            "on a laptop, where generate/score/train take turns, set the core count"
+        },
+    )
     seed: int = 0
     address: str = field(default="", metadata={"help": "Ray address ('' = local or RAY_ADDRESS)"})
     wandb: WandbConfig = field(default_factory=WandbConfig)
@@ -92,6 +99,8 @@ class TrainPolicyConfig:
                 f"rollout.temperature ({self.rollout.temperature}) must equal "
                 f"ppo.temperature ({self.ppo.temperature})"
             )
+        if self.actor_threads < 0:
+            raise ValueError(f"actor_threads must be >= 0, got {self.actor_threads}")
         if self.keep_checkpoints < 1:
             raise ValueError(f"keep_checkpoints must be >= 1, got {self.keep_checkpoints}")
 

@@ -49,11 +49,11 @@ def _no_event(event: str, **info: Any) -> None:
 class RolloutPool:
     """The rollout worker actors and the chunks each has in flight."""
 
-    def __init__(self, cfg: Any, model: str, seed: int):
+    def __init__(self, cfg: Any, model: str, seed: int, runtime_env: dict | None = None):
         from actors.rollout import rollout_worker_actor
 
         self.cfg = cfg
-        actor = rollout_worker_actor(cfg)
+        actor = rollout_worker_actor(cfg).options(runtime_env=runtime_env)
         self.workers = [actor.remote(cfg, model, seed) for _ in range(cfg.num_workers)]
         self.in_flight = [0] * len(self.workers)
         self.failures = [0] * len(self.workers)
@@ -333,9 +333,14 @@ def train_policy(cfg: Any, on_event: Event = _no_event) -> dict[str, Any]:
     ray.init(address=typed.address or None, ignore_reinit_error=True)
     timings: dict[str, float] = {}
     t0 = time.perf_counter()
-    learner = LearnerGroup(typed.learner, typed.ppo)
-    shards = ShardedReward(typed.reward)
-    pool = RolloutPool(typed.rollout, typed.learner.model, typed.seed)
+    # Ray gives an actor one thread per CPU it asks for; where the phases take turns (a laptop)
+    # each may use every core instead.
+    env = (
+        {"env_vars": {"OMP_NUM_THREADS": str(typed.actor_threads)}} if typed.actor_threads else None
+    )
+    learner = LearnerGroup(typed.learner, typed.ppo, runtime_env=env)
+    shards = ShardedReward(typed.reward, runtime_env=env)
+    pool = RolloutPool(typed.rollout, typed.learner.model, typed.seed, runtime_env=env)
     try:
         shards.wait_ready()
         pool.wait_ready()

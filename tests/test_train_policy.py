@@ -153,6 +153,8 @@ def test_config_errors_name_the_key(tmp_path):
     assert proc.returncode == 2 and "reward.model" in proc.stderr
     proc = run_cli("train-policy", *args, "prompts_per_step=3", "learner.num_ranks=2")
     assert proc.returncode == 2 and "multiple of learner.num_ranks" in proc.stderr
+    proc = run_cli("train-policy", *args, "actor_threads=-1")
+    assert proc.returncode == 2 and "actor_threads must be >= 0" in proc.stderr
     proc = run_cli("train-policy", *args, "rollout.temperature=0.7")
     assert proc.returncode == 2 and "must equal ppo.temperature" in proc.stderr
     proc = run_cli("train-policy", *args, f"reward.model={tmp_path}")
