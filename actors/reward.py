@@ -4,9 +4,9 @@
 worker's output as it comes, often passed as an ObjectRef straight from the worker) and returns
 each with `reward` (the expected reward), `variance` and, for a DPRM, `distribution` (K floats).
 
-`ShardedReward` owns the shards: they are declared with `max_restarts`, a batch is sliced and
-`ray.put` once per shard, and a call that fails because its shard died is retried on another one.
-The streaming driver (`jobs/train_policy.py`) submits to the least-loaded shard itself.
+`ShardedReward` owns the shards, declared with `max_restarts`, and their in-flight counts. The
+streaming driver (`jobs/train_policy.py`) submits each finished rollout chunk's ref to the
+least-loaded shard and, when that shard died, again to another one.
 """
 
 from __future__ import annotations
@@ -83,7 +83,6 @@ class ShardedReward:
             for _ in range(cfg.num_shards)
         ]
         self.in_flight = [0] * cfg.num_shards
-        self.failures = 0
         self.labels: list[str] = []  # the DPRM's categories (empty for a Bradley-Terry model)
 
     def wait_ready(self) -> list[str]:
@@ -105,31 +104,6 @@ class ShardedReward:
 
     def done(self, index: int) -> None:
         self.in_flight[index] -= 1
-
-    def score(self, rollouts: list[dict[str, Any]]) -> list[dict[str, Any]]:
-        """Score a whole batch: one slice per shard, each `ray.put` once; a slice whose shard
-        died is retried on another shard (up to `retries` times)."""
-        n = len(self.shards)
-        bounds = [round(i * len(rollouts) / n) for i in range(n + 1)]
-        slices = [ray.put(rollouts[bounds[i] : bounds[i + 1]]) for i in range(n)]
-        pending = {}
-        for i, ref in enumerate(slices):
-            self.in_flight[i] += 1
-            pending[self.shards[i].score.remote(ref)] = (i, i, 0)
-        results: list[list[dict[str, Any]]] = [[] for _ in range(n)]
-        while pending:
-            ready, _ = ray.wait(list(pending), num_returns=1)
-            part, shard, tries = pending.pop(ready[0])
-            self.done(shard)
-            try:
-                results[part] = ray.get(ready[0])
-            except ray.exceptions.RayActorError:
-                self.failures += 1
-                if tries >= self.cfg.retries:
-                    raise
-                ref, shard = self.submit(slices[part], avoid=shard)
-                pending[ref] = (part, shard, tries + 1)
-        return [r for part in results for r in part]
 
     def shutdown(self) -> None:
         for shard in self.shards:

@@ -98,11 +98,15 @@ def one_process(args, reward: Path) -> dict[str, float]:
     os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
     from omegaconf import OmegaConf
 
+    from actors.reward import RewardShard
     from dprm_ray.config import load_config
     from dprm_ray.learner import PPOLearner, configure_deepspeed_env
-    from dprm_ray.policy_training import TrainPolicyConfig, load_prompts, step_positions
-    from dprm_ray.reward_models import load_reward_model
-    from dprm_ray.reward_training import RewardData, predict
+    from dprm_ray.policy_training import (
+        TrainPolicyConfig,
+        load_prompts,
+        prompt_items,
+        step_positions,
+    )
     from dprm_ray.rollout import make_engine
 
     configure_deepspeed_env(False)
@@ -114,21 +118,13 @@ def one_process(args, reward: Path) -> dict[str, float]:
     typed: TrainPolicyConfig = OmegaConf.to_object(cfg)
     learner = PPOLearner(typed.learner, typed.ppo)  # first: it opens the 1-rank process group
     engine = make_engine(typed.rollout, typed.learner.model, typed.seed)
-    rm, rm_tok = load_reward_model(str(reward))
+    shard = RewardShard(str(reward), typed.reward.max_length, typed.reward.batch_size)
     prompts = load_prompts(typed.prompts, "train")
     walls = []
     for step in range(args.steps):
         start = time.perf_counter()
         idx = step_positions(typed.seed, step, typed.prompts_per_step, len(prompts))
-        items = [
-            {"prompt_id": f"{prompts[i]['id']}@{step}.{j}", "prompt": prompts[i]["prompt"]}
-            for j, i in enumerate(idx)
-        ]
-        rollouts = engine.generate(items, step)
-        data = RewardData([r["prompt"] for r in rollouts], [r["response"] for r in rollouts])
-        pred = predict(rm, rm_tok, data, max_length=typed.reward.max_length)
-        for r, value in zip(rollouts, pred["expected"], strict=True):
-            r["reward"] = float(value)
+        rollouts = shard.score(engine.generate(prompt_items(prompts, idx, step), step))
         learner.train(rollouts)
         engine.load_weights(learner.export_weights())
         walls.append(time.perf_counter() - start)

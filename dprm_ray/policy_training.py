@@ -168,6 +168,17 @@ def step_positions(seed: int, step: int, per_step: int, n: int) -> list[int]:
     return out
 
 
+def prompt_items(
+    prompts: list[dict[str, str]], indices: list[int], step: int
+) -> list[dict[str, str]]:
+    """A step's rollout-worker items: a prompt id unique within the step (`id@step.position`,
+    the sampling seed's key) and the prompt."""
+    return [
+        {"prompt_id": f"{prompts[i]['id']}@{step}.{j}", "prompt": prompts[i]["prompt"]}
+        for j, i in enumerate(indices)
+    ]
+
+
 # --------------------------------------------------------------------------- statistics
 
 

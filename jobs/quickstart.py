@@ -764,14 +764,10 @@ def generate(cfg: GenerateConfig) -> dict:
     import ray
     from tqdm import tqdm
 
+    from actors.rollout import rollout_worker_actor
     from dprm_ray.data import write_rows
     from dprm_ray.policy_training import load_prompts
-
-    try:
-        from actors.rollout import rollout_worker_actor
-        from dprm_ray.rollout import RolloutConfig
-    except ImportError as exc:
-        raise StageFailed(f"the rollout workers are not available ({exc})") from None
+    from dprm_ray.rollout import RolloutConfig
 
     names = list(cfg.names) or list(cfg.models)
     if not cfg.models or len(names) != len(cfg.models) or len(set(names)) != len(names):

@@ -34,6 +34,7 @@ from dprm_ray.policy_training import (
     TrainPolicyConfig,
     latest_checkpoint,
     load_prompts,
+    prompt_items,
     rollout_statistics,
     step_positions,
 )
@@ -80,15 +81,14 @@ class RolloutPool:
         return order[0]
 
 
-def _error_of(ref: Any) -> BaseException | None:
-    """The exception a finished ref holds, or None when it holds a value."""
+def _outcome(ref: Any) -> tuple[Any, BaseException | None]:
+    """(value, None) of a finished ref, or (None, the exception it holds)."""
     import ray
 
     try:
-        ray.get(ref)
+        return ray.get(ref), None
     except ray.exceptions.RayError as exc:
-        return exc
-    return None
+        return None, exc
 
 
 def stream_step(
@@ -150,18 +150,17 @@ def stream_step(
             continue
         chunk, shard, (gen_ref, worker), tries = scoring.pop(ref)
         shards.done(shard)
-        error = _error_of(ref)
+        value, error = _outcome(ref)
         if error is None:
             if chunk not in results:  # a chunk is accepted once, whatever happened before
-                results[chunk] = ray.get(ref)
+                results[chunk] = value
                 busy[worker] = busy.get(worker, 0.0) + results[chunk][0]["generate_seconds"]
                 last_reward = sum(r["reward_seconds"] for r in results[chunk])
             continue
-        gen_error = _error_of(gen_ref)
+        _, gen_error = _outcome(gen_ref)
         if gen_error is None:  # the shard failed: score the same rollouts elsewhere
             if not isinstance(error, ray.exceptions.RayActorError) or tries >= shards.cfg.retries:
                 raise error
-            shards.failures += 1
             stats["rescored"] += 1
             scored, new_shard = shards.submit(gen_ref, avoid=shard)
             scoring[scored] = (chunk, new_shard, (gen_ref, worker), tries + 1)
@@ -202,7 +201,7 @@ def _wait_all(refs: list[Any], timeout_s: float, what: str) -> None:
             f"rollout.sync_timeout_s={timeout_s} s"
         )
     for ref in ready:
-        error = _error_of(ref)
+        _, error = _outcome(ref)
         # A worker that died here is restarted by Ray and reloads when it raises StaleWeights.
         if error is not None and not isinstance(error, ray.exceptions.RayActorError):
             raise error
@@ -258,23 +257,14 @@ class PolicySync:
         return self.learner.export_weights_ref
 
 
-def _items(prompts: list[dict[str, str]], indices: list[int], step: int) -> list[dict[str, str]]:
-    return [
-        {"prompt_id": f"{prompts[i]['id']}@{step}.{j}", "prompt": prompts[i]["prompt"]}
-        for j, i in enumerate(indices)
-    ]
-
-
 def evaluate(
     pool: RolloutPool, shards: Any, prompts: list[dict[str, str]], version: int, weights: Any, cfg
 ) -> dict[str, float]:
     """Reward and per-category shares of the policy's responses to the held-out prompts (the
     same sampling seeds every time, so before and after differ only by the policy)."""
-    from dprm_ray.policy_training import rollout_statistics as stats_of
-
-    items = _items(prompts, list(range(len(prompts))), -1)
+    items = prompt_items(prompts, list(range(len(prompts))), -1)
     scored, _ = stream_step(pool, shards, items, -1, version, weights, cfg.chunk_size)
-    return stats_of(scored, shards.labels)
+    return rollout_statistics(scored, shards.labels)
 
 
 def _save_checkpoint(learner: Any, ckpt_root: Path, step: int, state: dict, keep: int) -> None:
@@ -364,7 +354,7 @@ def train_policy(cfg: Any, on_event: Event = _no_event) -> dict[str, Any]:
         last: dict[str, Any] = {}
         while step < typed.steps:
             indices = step_positions(typed.seed, step, typed.prompts_per_step, len(prompts))
-            items = _items(prompts, indices, step)
+            items = prompt_items(prompts, indices, step)
             scored, phase = stream_step(
                 pool, shards, items, step, version, weights, typed.chunk_size, on_event
             )
