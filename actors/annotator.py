@@ -16,10 +16,11 @@ class PersonaAnnotator:
         os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
         from omegaconf import OmegaConf
 
+        from dprm_ray.gold import GoldCrowd
         from dprm_ray.judge import JudgeConfig, PersonaJudge
 
         cfg = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(JudgeConfig), judge))
-        self.judge = PersonaJudge(cfg)
+        self.judge = GoldCrowd(cfg) if cfg.backend == "gold" else PersonaJudge(cfg)
 
     def __call__(self, batch: pd.DataFrame) -> pd.DataFrame:
         good, rejects = self.judge.annotate(batch.to_dict("records"))
@@ -36,6 +37,7 @@ OUTPUT_COLUMNS = (
     "posterior",
     "target",
     "persona_ids",
+    "population",  # the gold crowd's exact population distribution (None for LLM judges)
     "judge",
     "label_space",
     "reason",

@@ -156,6 +156,8 @@ def _clean(row: dict[str, Any]) -> dict[str, Any]:
         out[key] = [float(x) for x in out[key]]
     out["votes"] = [int(x) for x in out["votes"]]
     out["persona_ids"] = [str(x) for x in out["persona_ids"]]
+    if "population" in out:
+        out["population"] = [float(x) for x in out["population"]]
     return out
 
 
