@@ -32,29 +32,12 @@ import sys
 import time
 from pathlib import Path
 
-import numpy as np
-
+from dprm_ray.crowd_eval import length_accuracy, split_rows
 from dprm_ray.data import DataError, load_rows, write_rows, write_text
 from dprm_ray.reward_eval import pairwise_accuracy
 
 REPO = Path(__file__).resolve().parents[1]
 DATA = REPO.parent / "shared" / "data" / "hh-rlhf" / "harmless-base-dev.jsonl"
-
-
-def split_rows(rows: list[dict], fraction: float, seed: int) -> tuple[list[dict], list[dict]]:
-    """Deterministic shuffle with `seed`, then the first `fraction` of the rows is the train part."""
-    order = np.random.default_rng(seed).permutation(len(rows))
-    n_train = round(fraction * len(rows))
-    if not 0 < n_train < len(rows):
-        sys.exit(f"--train-fraction {fraction} leaves an empty train or test part")
-    return [rows[i] for i in order[:n_train]], [rows[i] for i in order[n_train:]]
-
-
-def length_accuracy(rows: list[dict], longer_wins: bool) -> float:
-    chosen = np.array([len(r["chosen"]) for r in rows], dtype=float)
-    rejected = np.array([len(r["rejected"]) for r in rows], dtype=float)
-    sign = 1.0 if longer_wins else -1.0
-    return pairwise_accuracy(sign * chosen, sign * rejected)
 
 
 def train_bt(args: argparse.Namespace, train_path: Path, test_path: Path, job_dir: Path) -> dict:
@@ -150,7 +133,10 @@ def main() -> None:
     for problem in loaded.skipped:
         print(f"skipped: {problem}")
     rows = [{k: r[k] for k in ("prompt", "chosen", "rejected")} for r in loaded.rows]
-    train, test = split_rows(rows, args.train_fraction, args.seed)
+    try:
+        train, test = split_rows(rows, args.train_fraction, args.seed)
+    except ValueError as exc:
+        sys.exit(f"--train-fraction: {exc}")
     train_path, test_path = out / "train.parquet", out / "test.parquet"
     write_rows(train_path, train, "pairs")
     write_rows(test_path, test, "pairs")

@@ -3,8 +3,12 @@
 Protocol, for any causal LM:
 - the *prior* is the judge's distribution over the K categories, read from the log-probabilities of
   the K option numbers ("1".."K") at the answer position of a rubric prompt (no free-text parsing);
-- each persona's *vote* is the argmax (or a temperature sample) of the same option distribution under a
-  persona-conditioned prompt;
+- each persona's *vote* is the argmax, a temperature sample, or the category nearest the expected
+  score of the same option distribution under a persona-conditioned prompt;
+- optionally (`calibrate`), each option distribution is first divided by the judge's distribution on
+  content-free inputs ("N/A", "[MASK]", "") under the same persona, and renormalised (contextual
+  calibration, Zhao et al. 2021, "Calibrate before use"): a small judge's bias towards one option
+  number, whatever the answer, cancels out;
 - the votes update the prior as a Dirichlet with `kappa` pseudo-votes (`crowd.aggregate`), and the
   posterior is smoothed by `eps` into the training target.
 
@@ -98,7 +102,10 @@ class OpenAIJudgeConfig:
 
 @dataclass
 class JudgeConfig:
-    backend: str = field(default="transformers", metadata={"help": "transformers | vllm | openai"})
+    backend: str = field(
+        default="transformers",
+        metadata={"help": "transformers | vllm | openai | gold (people of the gold population)"},
+    )
     model: str = field(default="smollm2", metadata={"help": "judge model spec (local)"})
     label_space: str = "hh6"
     personas: str = field(
@@ -107,10 +114,20 @@ class JudgeConfig:
     personas_per_item: int = field(
         default=0, metadata={"help": "personas sampled per item (0 = all of them)"}
     )
-    vote: str = field(default="argmax", metadata={"help": "argmax | sample"})
+    vote: str = field(
+        default="argmax",
+        metadata={
+            "help": "argmax | sample (with temperature) | expected (category nearest the "
+            "expected score)"
+        },
+    )
     temperature: float = field(default=1.0, metadata={"help": "sampling temperature of votes"})
     kappa: float = field(default=1.0, metadata={"help": "prior strength in pseudo-votes"})
     eps: float = field(default=0.1, metadata={"help": "label smoothing of unanimous targets"})
+    calibrate: bool = field(
+        default=False,
+        metadata={"help": "divide out the option distribution of content-free inputs per persona"},
+    )
     seed: int = 0
     rubric: str = field(default="", metadata={"help": "rubric text ('' = label space default)"})
     template: str = DEFAULT_TEMPLATE
@@ -451,6 +468,12 @@ def _softmax(logp: np.ndarray) -> np.ndarray:
     return z / z.sum()
 
 
+# Zhao et al.'s content-free inputs; each fills both the conversation and the response.
+CONTENT_FREE = ("N/A", "[MASK]", "")
+# The key of the persona-less (prior) prompt in PersonaJudge.content_free; persona ids are non-empty.
+PRIOR_KEY = ""
+
+
 class PersonaJudge:
     """Labels rows with a prior, one vote per persona, the posterior and the smoothed target."""
 
@@ -462,6 +485,40 @@ class PersonaJudge:
         self.options = option_labels(self.space)
         self.judge_id = cfg.judge_id or f"{cfg.backend}:{cfg.model}"
         self.backend = backend or make_backend(cfg, self.prompts.build("p", "r"), self.options)
+        # Content-free option distributions per persona id (PRIOR_KEY: no persona), computed on
+        # the first annotate call so that a Ray actor's constructor stays a model load.
+        self.content_free: dict[str, np.ndarray] | None = None
+
+    def calibration(self) -> dict[str, np.ndarray]:
+        """The content-free option distribution of the prior prompt and of every persona.
+
+        Each is the mean of the option *probabilities* over the CONTENT_FREE inputs; asked of the
+        backend once per judge (len(CONTENT_FREE) * (1 + personas) prompts).
+        """
+        if self.content_free is None:
+            who: list[Persona | None] = [None, *self.personas]
+            prompts = [self.prompts.build(text, text, p) for p in who for text in CONTENT_FREE]
+            scored = self.backend.option_logprobs(prompts)
+            bad = sorted({a for a in scored if isinstance(a, str)})
+            if bad:
+                raise JudgeBackendError(
+                    f"judge.calibrate: the backend cannot score a content-free prompt: {bad[0]}"
+                )
+            n = len(CONTENT_FREE)
+            self.content_free = {
+                PRIOR_KEY if p is None else p.id: np.mean(
+                    [_softmax(np.asarray(a)) for a in scored[i * n : (i + 1) * n]], axis=0
+                )
+                for i, p in enumerate(who)
+            }
+        return self.content_free
+
+    def _calibrated(self, logp: np.ndarray, persona: Persona | None) -> np.ndarray:
+        """Option log-probs minus log p_cf: after softmax, p / p_cf renormalised."""
+        if not self.cfg.calibrate:
+            return logp
+        p_cf = self.calibration()[PRIOR_KEY if persona is None else persona.id]
+        return logp - np.log(np.clip(p_cf, 1e-300, None))  # a 0 would give +inf (or NaN)
 
     def annotate(self, rows: list[dict[str, Any]]) -> tuple[list[dict], list[dict]]:
         """(annotated rows, rejects); a reject keeps prompt/response/row_key and gets `reason`."""
@@ -496,10 +553,10 @@ class PersonaJudge:
             if reasons:
                 rejects.append({**base, "reason": "; ".join(reasons)})
                 continue
-            prior = _softmax(answers[0])
+            prior = _softmax(self._calibrated(answers[0], None))
             votes = [
-                self._vote(answer, base["row_key"], i)
-                for i, answer in enumerate(answers[1:], start=1)
+                self._vote(self._calibrated(answer, persona), base["row_key"], i)
+                for i, (answer, persona) in enumerate(zip(answers[1:], personas, strict=True), 1)
             ]
             label = aggregate(prior, votes, k, self.cfg.kappa, self.cfg.eps)
             good.append(
@@ -519,18 +576,38 @@ class PersonaJudge:
     def _vote(self, logp: np.ndarray, key: str, salt: int) -> int:
         if self.cfg.vote == "argmax":
             return int(np.argmax(logp))
+        if self.cfg.vote == "expected":
+            # The category whose score is nearest the distribution's expected score; argmin
+            # takes the lowest index on ties (hh6 scores two categories -1).
+            scores = self.space.scores_array()
+            return int(np.argmin(np.abs(scores - _softmax(logp) @ scores)))
         probs = _softmax(logp / self.cfg.temperature)
         return int(_rng(self.cfg.seed, key, salt).choice(len(probs), p=probs))
 
 
 def check_judge_config(cfg: JudgeConfig) -> LabelSpace:
     """Everything about a judge config that can be checked without loading the model."""
-    if cfg.backend not in ("transformers", "vllm", "openai"):
+    if cfg.backend not in ("transformers", "vllm", "openai", "gold"):
         raise ConfigError(
-            f"judge.backend: unknown backend '{cfg.backend}' (transformers, vllm, openai)"
+            f"judge.backend: unknown backend '{cfg.backend}' (transformers, vllm, openai, gold)"
         )
-    if cfg.vote not in ("argmax", "sample"):
-        raise ConfigError(f"judge.vote: must be argmax or sample, got '{cfg.vote}'")
+    if cfg.backend == "gold" and cfg.label_space != "hh6":
+        # The gold population (dprm_ray/gold.py) is defined over hh6 only.
+        raise ConfigError(
+            f"judge.label_space: the gold crowd votes on hh6, got '{cfg.label_space}'"
+        )
+    if cfg.vote not in ("argmax", "sample", "expected"):
+        raise ConfigError(f"judge.vote: must be argmax, sample or expected, got '{cfg.vote}'")
+    for key, least in (
+        ("personas_per_item", 0),
+        ("batch_size", 1),
+        ("max_tokens", 1),
+        ("max_prompt_chars", 1),
+        ("max_response_chars", 1),
+    ):
+        value = getattr(cfg, key)
+        if value < least:
+            raise ConfigError(f"judge.{key}: must be >= {least}, got {value}")
     if cfg.temperature <= 0:
         raise ConfigError(f"judge.temperature: must be > 0, got {cfg.temperature}")
     if cfg.kappa < 0 or not 0 <= cfg.eps < 1:

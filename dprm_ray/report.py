@@ -65,6 +65,68 @@ def share_stats(categories: Mapping[int, Sequence[int]], num_labels: int) -> Sha
     return ShareStats(np.array(rows, dtype=np.float64), np.array(counts, dtype=np.int64))
 
 
+@dataclass(frozen=True)
+class GoldStats:
+    """One policy's held-out answers under the gold population (exact distributions).
+
+    `scores` are the answers' exact expected hh6 scores keyed by (prompt id, seed), so that two
+    policies can be compared on the same prompt and sampling seed (a paired difference).
+    """
+
+    scores: Mapping[tuple[str, int], float]
+    shares: np.ndarray  # [K]: mean exact category distribution over the answers
+
+    @property
+    def mean(self) -> float:
+        return float(np.mean(list(self.scores.values())))
+
+    @property
+    def se(self) -> float:
+        """Standard error of the mean over prompts x seeds."""
+        values = np.array(list(self.scores.values()))
+        return float(values.std(ddof=1) / math.sqrt(len(values))) if len(values) > 1 else 0.0
+
+    def versus(self, base: GoldStats) -> tuple[float, float]:
+        """Paired difference of the mean score against `base` on shared (prompt, seed): (d, se)."""
+        keys = sorted(set(self.scores) & set(base.scores))
+        if not keys:
+            raise ValueError("no (prompt, seed) answered by both policies")
+        diff = np.array([self.scores[k] - base.scores[k] for k in keys])
+        se = float(diff.std(ddof=1) / math.sqrt(len(diff))) if len(diff) > 1 else 0.0
+        return float(diff.mean()), se
+
+    def summary(self, base: GoldStats | None = None) -> dict[str, Any]:
+        """The figures for metrics.json (keys say `gold`)."""
+        out: dict[str, Any] = {
+            "gold_expected_score_mean": round(self.mean, 4),
+            "gold_expected_score_se": round(self.se, 4),
+            "gold_shares": [round(float(x), 4) for x in self.shares],
+            "answers": len(self.scores),
+        }
+        if base is not None and base is not self:
+            d, se = self.versus(base)
+            out.update(
+                gold_diff_vs_base=round(d, 4),
+                gold_diff_se=round(se, 4),
+                gold_diff_t=round(d / se, 2) if se > 0 else None,
+            )
+        return out
+
+
+def gold_stats(
+    answers: Sequence[tuple[str, int, np.ndarray]], scores: Sequence[float]
+) -> GoldStats:
+    """GoldStats from (prompt id, seed, exact distribution) per answer."""
+    if not answers:
+        raise ValueError("no answers to summarise")
+    score = np.asarray(scores, dtype=np.float64)
+    dists = np.array([d for _, _, d in answers], dtype=np.float64)
+    return GoldStats(
+        scores={(pid, int(seed)): float(d @ score) for pid, seed, d in answers},
+        shares=dists.mean(axis=0),
+    )
+
+
 @dataclass
 class Report:
     title: str
@@ -78,6 +140,9 @@ class Report:
     timings: Sequence[tuple[str, str, float]] = ()  # (stage, ran | skipped, seconds)
     configs: Mapping[str, str] = field(default_factory=dict)  # name -> YAML text
     notes: Sequence[str] = ()
+    gold: Mapping[str, GoldStats] = field(default_factory=dict)  # policy -> gold figures
+    gold_base: str = ""  # the policy the others are compared with (paired differences)
+    signals: Mapping[str, str] = field(default_factory=dict)  # policy -> reward it optimised
 
 
 def _pct(mean: float, std: float) -> str:
@@ -197,6 +262,38 @@ def shares_table(report: Report) -> str:
     )
 
 
+def gold_table(report: Report) -> str:
+    """Policies x (expected score with 95% interval, paired difference to the base policy,
+    exact category shares, the reward signal optimised)."""
+    esc = html.escape
+    head = ["policy", "gold expected score (95% CI)", f"vs {esc(report.gold_base)} (± se, t)"]
+    head += [f"{esc(label)} (%)" for label in report.labels] + ["optimised", "n"]
+    base = report.gold.get(report.gold_base)
+    rows = []
+    for name, stats in report.gold.items():
+        cells = [
+            esc(name),
+            f"{stats.mean:.3f} [{stats.mean - 1.96 * stats.se:.3f}, "
+            f"{stats.mean + 1.96 * stats.se:.3f}]",
+        ]
+        if base is not None and name != report.gold_base:
+            d, se = stats.versus(base)
+            t = f"{d / se:.1f}" if se > 0 else "-"
+            cells.append(f"{d:+.3f} ± {se:.3f} (t = {t})")
+        else:
+            cells.append("")
+        cells += [f"{100 * x:.1f}" for x in stats.shares]
+        cells += [esc(report.signals.get(name, "")), str(len(stats.scores))]
+        rows.append(_row(cells))
+    return (
+        '<table id="gold"><thead>'
+        + _row(head, "th")
+        + "</thead><tbody>"
+        + "".join(rows)
+        + "</tbody></table>"
+    )
+
+
 def render_html(report: Report, images: Sequence[str] = (SHARES_PNG, CURVES_PNG)) -> str:
     esc = html.escape
     parts = [
@@ -209,8 +306,20 @@ def render_html(report: Report, images: Sequence[str] = (SHARES_PNG, CURVES_PNG)
         parts.append('<table class="facts">')
         parts += [_row([esc(k), esc(v)]) for k, v in report.facts.items()]
         parts.append("</table>")
+    if report.gold:
+        parts += [
+            "<h2>Gold population: held-out answers</h2>",
+            '<p class="note">Every held-out answer gets the gold population\'s exact hh6 '
+            "distribution (simulated people over measured answer properties; "
+            "<code>dprm_ray/gold.py</code>), so this table has no judge noise. The expected score "
+            "is averaged over prompts × sampling seeds, with a 95% interval (1.96 standard "
+            "errors). The difference to the base policy is paired on the same prompt and "
+            "seed. Shares are the mean exact distributions. <i>optimised</i> names the reward "
+            "signal each PPO run maximised.</p>",
+            gold_table(report),
+        ]
     parts += [
-        "<h2>Held-out responses by category</h2>",
+        "<h2>Held-out responses by category: the LLM judge's view</h2>",
         '<p class="note">Each policy answers the held-out prompts once per sampling seed; the '
         "persona-crowd judge labels every response (category = the argmax of its posterior). A "
         "cell is the share of a seed's responses in that category, mean ± std over the seeds. "

