@@ -575,7 +575,7 @@ def eval_shares(out: Path) -> dict[str, Any]:
         if cat is None:  # rejected by the judge (e.g. too long): not counted
             unjudged += 1
             continue
-        by_policy[r["policy"]].setdefault(int(r["step"]), []).append(cat)
+        by_policy.setdefault(r["policy"], {}).setdefault(int(r["step"]), []).append(cat)
     stats = {
         name: share_stats(by_policy[key], hh6.num_labels)
         for key, name in METHODS.items()
