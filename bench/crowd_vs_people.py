@@ -39,7 +39,7 @@ os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")  # one process: the
 
 import numpy as np
 
-from dprm_ray.crowd_eval import crowd_agreement, split_rows
+from dprm_ray.crowd_eval import crowd_agreement, distinct_replies, split_rows
 from dprm_ray.data import DataError, atomic_path, load_rows, write_text
 from dprm_ray.judge import (
     JudgeBackend,
@@ -49,7 +49,6 @@ from dprm_ray.judge import (
     check_judge_config,
     make_backend,
     option_labels,
-    row_key,
 )
 from dprm_ray.labels import LabelSpace
 
@@ -162,13 +161,7 @@ def main() -> None:
         sys.exit(f"error: {args.data}: {exc}")
     pairs = [{k: r[k] for k in ("prompt", "chosen", "rejected")} for r in test]
     pairs = pairs[: args.max_pairs] if args.max_pairs else pairs
-    replies = list(
-        {
-            row_key(p["prompt"], reply): {"prompt": p["prompt"], "response": reply}
-            for p in pairs
-            for reply in (p["chosen"], p["rejected"])
-        }.values()
-    )
+    replies = distinct_replies(pairs)
     print(f"{len(pairs)} held-out pairs ({len(test)} in the test part), {len(replies)} replies")
 
     cfg = JudgeConfig(backend=args.backend, model=args.model, personas_per_item=args.personas)

@@ -32,6 +32,17 @@ def split_rows(rows: list[dict], fraction: float, seed: int) -> tuple[list[dict]
     return [rows[i] for i in order[:n_train]], [rows[i] for i in order[n_train:]]
 
 
+def distinct_replies(pairs: Sequence[Mapping[str, str]]) -> list[dict[str, str]]:
+    """One {prompt, response} row per distinct reply of the pairs (a reply may recur), in order."""
+    replies: dict[str, dict[str, str]] = {}
+    for pair in pairs:
+        for reply in (pair["chosen"], pair["rejected"]):
+            replies.setdefault(
+                row_key(pair["prompt"], reply), {"prompt": pair["prompt"], "response": reply}
+            )
+    return list(replies.values())
+
+
 def length_accuracy(pairs: Sequence[Mapping[str, Any]], longer_wins: bool) -> float:
     """Pairwise accuracy of "the longer (or shorter) reply wins", length in characters."""
     chosen = np.array([len(r["chosen"]) for r in pairs], dtype=float)

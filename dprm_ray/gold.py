@@ -390,14 +390,13 @@ class GoldPopulation:
     def space(self) -> LabelSpace:
         return hh6
 
-    def persona_distributions(self, prompt: str, response: str) -> np.ndarray:
-        """[types, 6]: each type's exact distribution for the answer."""
-        p = properties(prompt, response)
-        return np.stack([persona.distribution(p) for persona in self.personas])
+    def mixture(self, p: Properties) -> np.ndarray:
+        """The population's exact hh6 distribution for an answer with properties `p`."""
+        return self.shares @ np.stack([persona.distribution(p) for persona in self.personas])
 
     def distribution(self, prompt: str, response: str) -> np.ndarray:
         """The population's exact hh6 distribution for the answer."""
-        return self.shares @ self.persona_distributions(prompt, response)
+        return self.mixture(properties(prompt, response))
 
     def expected_score(self, prompt: str, response: str) -> float:
         return float(self.distribution(prompt, response) @ np.array(hh6.scores))
@@ -406,7 +405,12 @@ class GoldPopulation:
         self, prompt: str, response: str, count: int, rng: np.random.Generator
     ) -> tuple[list[int], list[str]]:
         """`count` random people (type drawn by share, then their noise): votes and type ids."""
-        p = properties(prompt, response)
+        return self.sample(properties(prompt, response), count, rng)
+
+    def sample(
+        self, p: Properties, count: int, rng: np.random.Generator
+    ) -> tuple[list[int], list[str]]:
+        """`sample_people` for an answer whose properties are measured already."""
         types = rng.choice(len(self.personas), size=count, p=self.shares)
         votes = [self.personas[t].sample(p, rng) for t in types]
         return votes, [self.personas[t].id for t in types]
@@ -437,28 +441,23 @@ class GoldCrowd:
         self.judge_id = cfg.judge_id or "gold"
 
     def annotate(self, rows: list[dict[str, Any]]) -> tuple[list[dict], list[dict]]:
-        from dprm_ray.judge import row_key
+        from dprm_ray.judge import row_base
 
         good: list[dict] = []
         rejects: list[dict] = []
         k = hh6.num_labels
         prior = np.full(k, 1.0 / k)
         for row in rows:
-            prompt, response = row.get("prompt"), row.get("response")
-            key = row.get("row_key") or row_key(str(prompt), str(response))
-            base = {"prompt": prompt, "response": response, "row_key": key}
-            bad = [
-                name
-                for name, text in (("prompt", prompt), ("response", response))
-                if not isinstance(text, str) or not text.strip()
-            ]
-            if bad:  # the same rule as the LLM judge's
-                rejects.append({**base, "reason": f"empty {' and '.join(bad)}"})
+            base, reason = row_base(row)  # the same rule as the LLM judge's
+            if reason:
+                rejects.append({**base, "reason": reason})
                 continue
+            key = base["row_key"]
             rng = np.random.default_rng(
                 [self.cfg.seed, int(hashlib.sha1(key.encode()).hexdigest()[:15], 16)]
             )
-            votes, ids = self.population.sample_people(prompt, response, self.count, rng)
+            measured = properties(base["prompt"], base["response"])
+            votes, ids = self.population.sample(measured, self.count, rng)
             label = self.aggregate(prior, votes, k, self.cfg.kappa, self.cfg.eps)
             good.append(
                 {
@@ -468,7 +467,7 @@ class GoldCrowd:
                     "posterior": label["posterior"].tolist(),
                     "target": label["target"].tolist(),
                     "persona_ids": ids,
-                    "population": self.population.distribution(prompt, response).tolist(),
+                    "population": self.population.mixture(measured).tolist(),
                     "judge": self.judge_id,
                     "label_space": "hh6",
                 }

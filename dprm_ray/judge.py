@@ -189,6 +189,19 @@ def row_key(prompt: str, response: str) -> str:
     return digest[:20]
 
 
+def row_base(row: dict[str, Any]) -> tuple[dict[str, Any], str]:
+    """A row's prompt, response and row_key, and why it cannot be judged ('' if it can)."""
+    prompt, response = row.get("prompt"), row.get("response")
+    key = row.get("row_key") or row_key(str(prompt), str(response))
+    bad = [
+        name
+        for name, text in (("prompt", prompt), ("response", response))
+        if not isinstance(text, str) or not text.strip()
+    ]
+    base = {"prompt": prompt, "response": response, "row_key": key}
+    return base, f"empty {' and '.join(bad)}" if bad else ""
+
+
 def _rng(seed: int, key: str, salt: int) -> np.random.Generator:
     # Any key string (user-supplied row keys too) maps to a 60-bit integer seed.
     return np.random.default_rng([seed, int(hashlib.sha1(key.encode()).hexdigest()[:15], 16), salt])
@@ -527,18 +540,12 @@ class PersonaJudge:
         jobs: list[tuple[dict, list[Persona], int]] = []  # row, its personas, first prompt index
         flat: list[str] = []
         for row in rows:
-            prompt, response = row.get("prompt"), row.get("response")
-            key = row.get("row_key") or row_key(str(prompt), str(response))
-            base = {"prompt": prompt, "response": response, "row_key": key}
-            bad = [
-                name
-                for name, text in (("prompt", prompt), ("response", response))
-                if not isinstance(text, str) or not text.strip()
-            ]
-            if bad:
-                rejects.append({**base, "reason": f"empty {' and '.join(bad)}"})
+            base, reason = row_base(row)
+            if reason:
+                rejects.append({**base, "reason": reason})
                 continue
-            prompt, response = self.prompts.truncate(prompt, response)
+            key = base["row_key"]
+            prompt, response = self.prompts.truncate(base["prompt"], base["response"])
             personas = choose_personas(
                 self.personas, self.cfg.personas_per_item, self.cfg.seed, key
             )

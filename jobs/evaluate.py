@@ -114,9 +114,9 @@ def evaluate_crowd(cfg: EvaluateCrowdConfig) -> dict:
     from omegaconf import OmegaConf
 
     from dprm_ray.config import ConfigError
-    from dprm_ray.crowd_eval import crowd_agreement, split_rows
+    from dprm_ray.crowd_eval import crowd_agreement, distinct_replies, split_rows
     from dprm_ray.data import DataError, load_rows, write_rows
-    from dprm_ray.judge import check_judge_config, row_key
+    from dprm_ray.judge import check_judge_config
     from jobs.annotate import AnnotateConfig, annotate
 
     space = check_judge_config(cfg.judge)
@@ -140,15 +140,8 @@ def evaluate_crowd(cfg: EvaluateCrowdConfig) -> dict:
     if cfg.max_pairs:
         pairs = pairs[: cfg.max_pairs]
 
-    # One row per distinct reply (a reply may recur across pairs); the annotate job's input.
-    replies: dict[str, dict[str, str]] = {}
-    for pair in pairs:
-        for reply in (pair["chosen"], pair["rejected"]):
-            replies.setdefault(
-                row_key(pair["prompt"], reply), {"prompt": pair["prompt"], "response": reply}
-            )
-    out = Path(cfg.output_dir)
-    write_rows(out / "replies.parquet", list(replies.values()), "rollouts")
+    out = Path(cfg.output_dir)  # the annotate job's input: one row per distinct reply
+    write_rows(out / "replies.parquet", distinct_replies(pairs), "rollouts")
     # Annotating in-process as `dprm-ray annotate` does, so a rerun only judges what is missing.
     plain = OmegaConf.to_object(OmegaConf.structured(cfg))
     summary = annotate(

@@ -522,26 +522,27 @@ def _stages(plan: Plan, out: Path, wandb: str) -> list[Stage]:
 
 def write_gold(responses: Path, output: Path) -> None:
     """Every answer's exact gold distribution and the properties it was judged from."""
-    from dataclasses import asdict as as_dict
-
+    import numpy as np
     import pyarrow as pa
     import pyarrow.parquet as pq
 
     from dprm_ray.data import atomic_path
     from dprm_ray.gold import GoldPopulation, properties
+    from dprm_ray.labels import hh6
 
     gold = GoldPopulation()
     rows = []
     for r in pq.read_table(responses).to_pylist():
-        dist = gold.distribution(r["prompt"], r["response"])
+        measured = properties(r["prompt"], r["response"])
+        dist = gold.mixture(measured)
         rows.append(
             {
                 "prompt_id": r["prompt_id"],
                 "policy": r["policy"],
                 "step": int(r["step"]),
                 "gold": dist.tolist(),
-                "gold_score": gold.expected_score(r["prompt"], r["response"]),
-                **as_dict(properties(r["prompt"], r["response"])),
+                "gold_score": float(dist @ np.array(hh6.scores)),
+                **asdict(measured),
             }
         )
     with atomic_path(output) as tmp:
