@@ -70,18 +70,23 @@ class LearnerConfig:
 
 class PolicyWithValue(torch.nn.Module):
     """A causal LM (optionally peft-LoRA-wrapped) and a scalar value head on its last hidden
-    states. The head starts at zero, so the first values are 0 rather than noise."""
+    states. The head starts at zero, so the first values are 0 rather than noise. Without a head
+    (the critic-free estimators) the values are zeros."""
 
-    def __init__(self, lm: Any):
+    def __init__(self, lm: Any, value_head: bool = True):
         super().__init__()
         self.lm = lm
-        self.value_head = torch.nn.Linear(lm.config.hidden_size, 1)
-        torch.nn.init.zeros_(self.value_head.weight)
-        torch.nn.init.zeros_(self.value_head.bias)
+        self.value_head = torch.nn.Linear(lm.config.hidden_size, 1) if value_head else None
+        if self.value_head is not None:
+            torch.nn.init.zeros_(self.value_head.weight)
+            torch.nn.init.zeros_(self.value_head.bias)
 
     def forward(
         self, input_ids: torch.Tensor, attention_mask: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.value_head is None:
+            logits = self.lm(input_ids=input_ids, attention_mask=attention_mask).logits
+            return logits, torch.zeros(input_ids.shape, dtype=torch.float32, device=logits.device)
         out = self.lm(input_ids=input_ids, attention_mask=attention_mask, output_hidden_states=True)
         values = self.value_head(out.hidden_states[-1].float()).squeeze(-1)
         return out.logits, values
@@ -190,14 +195,18 @@ def ppo_train_step(
         pg_loss, pg_stats = policy_loss(
             logp, mb.old_logprobs, mb.advantages, mb.action_mask, cfg.clip_ratio
         )
-        vf_loss, vf_stats = value_loss(
-            values, mb.values, mb.returns, mb.action_mask, cfg.value_clip
-        )
-        loss = pg_loss + cfg.vf_coef * vf_loss
+        if cfg.advantage == "gae":
+            vf_loss, vf_stats = value_loss(
+                values, mb.values, mb.returns, mb.action_mask, cfg.value_clip
+            )
+            loss = pg_loss + cfg.vf_coef * vf_loss
+        else:  # critic-free: no value head to train
+            vf_loss, vf_stats, loss = torch.zeros(()), {}, pg_loss
         engine.backward(loss)
         engine.step()
         sums["policy_loss"] += float(pg_loss.detach())
-        sums["value_loss"] += float(vf_loss.detach())
+        if cfg.advantage == "gae":
+            sums["value_loss"] += float(vf_loss.detach())
         sums["entropy"] += float(masked_mean(entropy.detach(), mb.action_mask))
         for key, value in {**pg_stats, **vf_stats}.items():
             sums[key] += float(value)
@@ -254,7 +263,7 @@ class PPOLearner:
         self.rank, self.world = ensure_process_group()
         torch.manual_seed(cfg.seed)
         lm, self.tokenizer = load_model(cfg.model, kind="causal-lm")
-        model = PolicyWithValue(with_lora(lm, cfg.lora))
+        model = PolicyWithValue(with_lora(lm, cfg.lora), value_head=ppo.advantage == "gae")
         optim = replace(cfg.optim, batch_size=ppo.mini_batch_size)
         self.engine = deepspeed_engine(model, optim, cfg.zero_stage)
         self.device = self.engine.device
@@ -275,6 +284,11 @@ class PPOLearner:
                 "send a multiple of learner.num_ranks"
             )
         per = n // self.world
+        if per % self.ppo.samples_per_prompt:
+            raise ValueError(
+                f"a rank's {per} rollouts do not hold whole groups of ppo.samples_per_prompt="
+                f"{self.ppo.samples_per_prompt}; send a multiple of both"
+            )
         return slice(self.rank * per, (self.rank + 1) * per)
 
     @torch.no_grad()

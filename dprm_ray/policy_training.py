@@ -58,9 +58,13 @@ class TrainPolicyConfig:
     eval_size: int = field(default=0, metadata={"help": "held-out prompts used (0 = all)"})
     steps: int = field(default=50, metadata={"help": "PPO steps"})
     prompts_per_step: int = field(
-        default=8, metadata={"help": "rollouts per step (a multiple of learner.num_ranks)"}
+        default=8,
+        metadata={
+            "help": "prompts per step (a multiple of learner.num_ranks); each is sampled "
+            "ppo.samples_per_prompt times"
+        },
     )
-    chunk_size: int = field(default=2, metadata={"help": "prompts per rollout-worker call"})
+    chunk_size: int = field(default=2, metadata={"help": "samples per rollout-worker call"})
     learner: LearnerConfig = field(default_factory=LearnerConfig)
     ppo: PPOConfig = field(default_factory=PPOConfig)
     rollout: RolloutConfig = field(default_factory=RolloutConfig)

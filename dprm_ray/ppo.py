@@ -8,7 +8,12 @@ token. Prompt, response and padding positions are told apart only by the masks.
 
 The objective (Ziegler et al. 2019, Stiennon et al. 2020): per-token reward
 `-kl_coef * KL_t` plus the sequence reward on the last response token, GAE advantages, the clipped
-surrogate and clipped value losses. Everything here works on tensors alone (no model); the
+surrogate and clipped value losses. The critic-free estimators (`advantage: rloo | grpo`) sample
+several responses per prompt instead and give every token of a response the same advantage: its
+KL-penalised score against the other responses to the same prompt (RLOO, Ahmadian et al. 2024:
+minus the mean of the others; GRPO, Shao et al. 2024: minus the group mean, over the group std),
+with no value head. A group baseline removes what the prompt alone decides (a harm-inviting prompt
+scores low whatever the answer), which a batch-wide baseline leaves in every advantage. Everything here works on tensors alone (no model); the
 DeepSpeed learner that drives it lives in `dprm_ray.learner`.
 """
 
@@ -21,6 +26,7 @@ from typing import Any
 import torch
 
 KL_ESTIMATORS = ("k1", "k2", "k3")
+ADVANTAGES = ("gae", "rloo", "grpo")
 KL_CONTROLLERS = ("fixed", "adaptive")
 
 # Sums a tensor over the learner's ranks (identity on one process); masked statistics use it so
@@ -48,6 +54,12 @@ class PPOConfig:
         default=False, metadata={"help": "whiten sequence rewards over the global batch"}
     )
     whiten_advantages: bool = True
+    advantage: str = field(
+        default="gae", metadata={"help": "gae (value head) | rloo | grpo (groups, no value head)"}
+    )
+    samples_per_prompt: int = field(
+        default=1, metadata={"help": "responses sampled per prompt (the group; >= 2 for rloo/grpo)"}
+    )
     ppo_epochs: int = field(default=1, metadata={"help": "passes over each experience batch"})
     mini_batch_size: int = field(default=4, metadata={"help": "sequences per update, per rank"})
     temperature: float = field(
@@ -66,7 +78,25 @@ class PPOConfig:
                 f"{prefix}.kl_controller must be one of {', '.join(KL_CONTROLLERS)}, "
                 f"got '{self.kl_controller}'"
             )
-        for name in ("ppo_epochs", "mini_batch_size", "max_length", "kl_horizon"):
+        if self.advantage not in ADVANTAGES:
+            raise ValueError(
+                f"{prefix}.advantage must be one of {', '.join(ADVANTAGES)}, got '{self.advantage}'"
+            )
+        if self.advantage != "gae" and self.samples_per_prompt < 2:
+            raise ValueError(
+                f"{prefix}.samples_per_prompt must be >= 2 for {prefix}.advantage="
+                f"{self.advantage} (the baseline is the prompt's other responses), "
+                f"got {self.samples_per_prompt}"
+            )
+        if self.kl_coef < 0:
+            raise ValueError(f"{prefix}.kl_coef must be >= 0, got {self.kl_coef}")
+        for name in (
+            "ppo_epochs",
+            "mini_batch_size",
+            "max_length",
+            "kl_horizon",
+            "samples_per_prompt",
+        ):
             if getattr(self, name) < 1:
                 raise ValueError(f"{prefix}.{name} must be >= 1, got {getattr(self, name)}")
         if not 0 <= self.lam <= 1 or not 0 <= self.gamma <= 1:
@@ -177,6 +207,26 @@ def gae(
         advantages[:, t] = m * step
     returns = (advantages + values) * mask
     return advantages, returns
+
+
+def group_advantages(scores: torch.Tensor, group_size: int, kind: str) -> torch.Tensor:
+    """[B] sequence advantages of consecutive groups of `group_size` responses to one prompt.
+
+    rloo: score minus the mean of the group's other scores; grpo: (score - group mean) / (group
+    std + 1e-6), the std unbiased. A group whose responses all score the same gets 0.
+    """
+    if group_size < 2 or len(scores) % group_size:
+        raise ValueError(
+            f"{len(scores)} scores do not form groups of {group_size} (need >= 2 per group)"
+        )
+    groups = scores.reshape(-1, group_size)
+    if kind == "rloo":
+        others = (groups.sum(1, keepdim=True) - groups) / (group_size - 1)
+        return (groups - others).reshape(-1)
+    if kind == "grpo":
+        centred = groups - groups.mean(1, keepdim=True)
+        return (centred / (groups.std(1, keepdim=True) + 1e-6)).reshape(-1)
+    raise ValueError(f"unknown group advantage '{kind}' (known: rloo, grpo)")
 
 
 # --------------------------------------------------------------------------- losses
@@ -371,8 +421,16 @@ def compute_advantages(exp: Experience, cfg: PPOConfig, kl_coef: float, reduce: 
     assert exp.old_logprobs is not None and exp.ref_logprobs is not None and exp.values is not None
     mask = exp.action_mask
     kl = kl_estimate(exp.old_logprobs, exp.ref_logprobs, cfg.kl_estimator) * mask
-    token_rewards = shape_rewards(exp.rewards, kl, mask, kl_coef)
-    advantages, returns = gae(token_rewards, exp.values, mask, cfg.gamma, cfg.lam)
+    if cfg.advantage == "gae":
+        token_rewards = shape_rewards(exp.rewards, kl, mask, kl_coef)
+        advantages, returns = gae(token_rewards, exp.values, mask, cfg.gamma, cfg.lam)
+    else:
+        # The KL penalty joins the sequence score before the group baseline (as TRL's RLOO
+        # does); every response token then carries its sequence's advantage.
+        scores = exp.rewards.to(kl.dtype) - kl_coef * kl.sum(1)
+        per_sequence = group_advantages(scores, cfg.samples_per_prompt, cfg.advantage)
+        advantages = per_sequence[:, None] * mask
+        returns = torch.zeros_like(advantages)
     if cfg.whiten_advantages:
         advantages = masked_whiten(advantages, mask, reduce=reduce)
     exp.advantages, exp.returns = advantages, returns

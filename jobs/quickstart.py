@@ -158,20 +158,24 @@ SIZES: dict[str, dict[str, Any]] = {
         "personas_per_item": 4,
         "reward_epochs": 30,
         "ppo_steps": 12,
-        "prompts_per_step": 8,
+        "prompts_per_step": 4,  # x 2 samples each (train_policy_args)
         "eval_prompts": 16,
         "eval_seeds": 3,
         # Two 1-CPU vLLM judges (see generate's cpus_per_worker for why not one with 2 CPUs).
         "annotate_args": ("pool.max_actors=2", "pool.cpus_per_actor=1", "pool.batch_size=8"),
         "train_reward_args": ("optim.batch_size=16",),
         # What moves SmolLM2 within the budget: LoRA lr 5e-4 (5e-5 left 38 of 48 held-out
-        # answers word for word the untrained policy's), 8 prompts a step in chunks of 4
-        # (vLLM batches a chunk), a lighter KL penalty.
+        # answers word for word the untrained policy's), a lighter KL penalty, and RLOO over
+        # two samples of each prompt: GAE with a batch-wide baseline moved the gold score by
+        # +0.04 (t = 0.75) at the same cost, since whether a prompt invites harm decides most of
+        # its reward and every answer to such a prompt looked bad. Chunks of 4 (vLLM batches).
         "train_policy_args": (
             "eval_size=4",
             "chunk_size=4",
             "learner.optim.lr=5e-4",
             "ppo.kl_coef=0.02",
+            "ppo.advantage=rloo",
+            "ppo.samples_per_prompt=2",
         ),
         "concurrent": ("reward",),  # two 1-CPU trainings; a PPO run takes both CPUs
     },
@@ -195,6 +199,8 @@ SIZES: dict[str, dict[str, Any]] = {
         "train_reward_args": ("optim.batch_size=4", "backbone.max_length=128"),
         "train_policy_args": (
             "eval_size=2",
+            "ppo.advantage=rloo",
+            "ppo.samples_per_prompt=2",
             "learner.lora.enabled=false",
             "learner.optim.lr=1e-3",
             "ppo.mini_batch_size=4",

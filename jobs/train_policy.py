@@ -354,7 +354,10 @@ def train_policy(cfg: Any, on_event: Event = _no_event) -> dict[str, Any]:
         last: dict[str, Any] = {}
         while step < typed.steps:
             indices = step_positions(typed.seed, step, typed.prompts_per_step, len(prompts))
-            items = prompt_items(prompts, indices, step)
+            # A prompt's samples are consecutive (the learner's groups); each has its own
+            # position, so its own sampling seed.
+            group = typed.ppo.samples_per_prompt
+            items = prompt_items(prompts, [i for i in indices for _ in range(group)], step)
             scored, phase = stream_step(
                 pool, shards, items, step, version, weights, typed.chunk_size, on_event
             )

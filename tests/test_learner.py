@@ -186,17 +186,25 @@ def sample(model, tok, prompts, step, max_new_tokens=8):
     return out
 
 
-def test_on_policy_ppo_raises_the_reward_of_its_own_samples(ray_local):
+@pytest.mark.parametrize(
+    "advantage",
+    ["gae", "rloo", pytest.param("grpo", marks=pytest.mark.slow)],
+)
+def test_on_policy_ppo_raises_the_reward_of_its_own_samples(ray_local, advantage):
     """The driver's loop in miniature: export weights, sample, score, train. The reward is the
-    share of lowercase-letter tokens in a response (about 10% of the vocabulary)."""
+    share of lowercase-letter tokens in a response (about 10% of the vocabulary). The critic-free
+    estimators sample each of half the prompts twice (same batch size, groups of two)."""
     from transformers import AutoModelForCausalLM
 
     from actors.learner import LearnerGroup
 
     _, tok = load_model("tiny")
     lowercase = {tok.convert_tokens_to_ids(c) for c in "abcdefghijklmnopqrstuvwxyz"}
-    prompts = [prompt_ids(tok, i) for i in range(N_PROMPTS)]
     cfg, ppo = configs(1, 2)
+    prompts = [prompt_ids(tok, i) for i in range(N_PROMPTS)]
+    if advantage != "gae":
+        ppo.advantage, ppo.samples_per_prompt = advantage, 2
+        prompts = [p for p in prompts[: N_PROMPTS // 2] for _ in range(2)]
     group = LearnerGroup(cfg, ppo)
     sampler = AutoModelForCausalLM.from_config(load_model("tiny")[0].config).eval()
     rewards, kls = [], []

@@ -7,10 +7,13 @@ import torch
 from dprm_ray.models import load_model
 from dprm_ray.ppo import (
     AdaptiveKLController,
+    Experience,
     FixedKLController,
     PPOConfig,
     collate,
+    compute_advantages,
     gae,
+    group_advantages,
     kl_controller,
     kl_estimate,
     masked_mean,
@@ -140,6 +143,64 @@ def test_kl_estimators():
     assert float(kl_estimate(logp, logq, "k2").min()) >= 0
     with pytest.raises(ValueError, match="unknown KL estimator"):
         kl_estimate(logp, logq, "k9")
+
+
+def test_group_advantages_on_a_hand_computed_example():
+    scores = torch.tensor([1.0, 2.0, 3.0, 6.0, -1.0, -1.0, -1.0, -1.0])
+    # RLOO: each score minus the mean of the other three of its group.
+    rloo = group_advantages(scores, 4, "rloo")
+    assert torch.allclose(rloo[:4], torch.tensor([1 - 11 / 3, 2 - 10 / 3, 3 - 3.0, 6 - 2.0]))
+    assert torch.equal(rloo[4:], torch.zeros(4))  # a group that scores alike learns nothing
+    # GRPO: (score - group mean) / (unbiased group std + 1e-6); mean 3, std sqrt(14/3).
+    grpo = group_advantages(scores, 4, "grpo")
+    std = (14 / 3) ** 0.5
+    assert torch.allclose(grpo[:4], torch.tensor([-2.0, -1.0, 0.0, 3.0]) / (std + 1e-6))
+    assert torch.equal(grpo[4:], torch.zeros(4))
+    # A pair: RLOO's advantage is the difference of the two scores.
+    assert torch.allclose(
+        group_advantages(torch.tensor([3.0, 1.0]), 2, "rloo"), torch.tensor([2.0, -2.0])
+    )
+    with pytest.raises(ValueError, match="groups of 4"):
+        group_advantages(torch.zeros(6), 4, "rloo")
+    with pytest.raises(ValueError, match="unknown group advantage"):
+        group_advantages(torch.zeros(4), 2, "gae")
+
+
+@pytest.mark.parametrize("kind", ["rloo", "grpo"])
+def test_critic_free_advantages_give_every_response_token_its_group_relative_score(kind):
+    """The KL penalty joins the score before the baseline; prompt and padding positions get 0;
+    a prompt's easy score (the same for its whole group) cancels out."""
+    mask = torch.tensor([[0, 1, 1, 0], [0, 1, 1, 1], [1, 1, 0, 0], [1, 1, 1, 0]]).float()
+    logp = torch.full((4, 4), -1.0)
+    ref = logp - 0.5 * mask  # KL 0.5 per response token
+    easy = torch.tensor([10.0, 10.0, -5.0, -5.0])  # what the prompt alone decides
+    exp = Experience(
+        input_ids=torch.zeros(4, 5, dtype=torch.long),
+        attention_mask=torch.ones(4, 5, dtype=torch.long),
+        action_mask=mask,
+        rewards=easy + torch.tensor([1.0, 0.0, 0.0, 1.0]),
+        old_logprobs=logp * mask,
+        ref_logprobs=ref * mask,
+        values=torch.zeros(4, 4),
+    )
+    cfg = PPOConfig(advantage=kind, samples_per_prompt=2, whiten_advantages=False)
+    stats = compute_advantages(exp, cfg, kl_coef=0.2, reduce=lambda x: x)
+    # Scores minus 0.2 * sequence KL: [1 - 0.2, 0 - 0.3] and [0 - 0.2, 1 - 0.3] above the easy part.
+    scores = torch.tensor([0.8, -0.3, -0.2, 0.7])
+    expected = group_advantages(scores, 2, kind)
+    assert torch.allclose(exp.advantages, expected[:, None] * mask)
+    assert torch.equal(exp.returns, torch.zeros(4, 4))
+    assert stats["kl"] == pytest.approx((1.0 + 1.5 + 1.0 + 1.5) / 4)
+
+
+def test_critic_free_estimators_need_groups():
+    with pytest.raises(ValueError, match="samples_per_prompt must be >= 2"):
+        PPOConfig(advantage="rloo").validate()
+    with pytest.raises(ValueError, match="advantage must be one of"):
+        PPOConfig(advantage="ppo").validate()
+    with pytest.raises(ValueError, match="kl_coef must be >= 0"):
+        PPOConfig(kl_coef=-0.1).validate()
+    PPOConfig(advantage="grpo", samples_per_prompt=4).validate()
 
 
 def test_reward_shaping_puts_the_score_on_the_last_response_token():
