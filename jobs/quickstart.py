@@ -633,6 +633,16 @@ def identical_answers(out: Path) -> dict[str, tuple[int, int]]:
     }
 
 
+def _ppo_estimator(config_file: Path) -> str:
+    """' x N samples (rloo advantages)' from a train-policy run's resolved config ('' if none)."""
+    if not config_file.is_file():
+        return ""
+    from omegaconf import OmegaConf
+
+    ppo = OmegaConf.load(config_file).ppo
+    return f" x {ppo.samples_per_prompt} samples ({ppo.advantage} advantages)"
+
+
 def build_report(plan: Plan, out: Path, timings: list[tuple[str, str, float]]) -> Path:
     from dprm_ray.labels import hh6
     from dprm_ray.report import Report, write_report
@@ -676,7 +686,9 @@ def build_report(plan: Plan, out: Path, timings: list[tuple[str, str, float]]) -
         "reward models": ", ".join(REWARD_MODELS[k][1] for k in plan.reward_models)
         + f" on frozen {plan.encoder} (seed {plan.seed})",
         "reward data": f"{plan.train_prompts} train prompts x {plan.responses_per_prompt} answers",
-        "PPO": f"{plan.ppo_steps} steps x {plan.prompts_per_step} prompts, {plan.engine} rollouts",
+        "PPO": f"{plan.ppo_steps} steps x {plan.prompts_per_step} prompts"
+        + _ppo_estimator(out / f"ppo-{plan.reward_models[0]}" / "config.yaml")
+        + f", {plan.engine} rollouts",
         "evaluation": f"{plan.eval_prompts} held-out prompts x {plan.eval_seeds} seeds",
         "written": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
     }
@@ -686,8 +698,8 @@ def build_report(plan: Plan, out: Path, timings: list[tuple[str, str, float]]) -
         notes.append(
             "Answers identical to the untrained policy's (the same sampling seed and prompt): "
             + "; ".join(f"{METHODS[k]} {n} of {total}" for k, (n, total) in same.items())
-            + ". A few PPO steps move the policy little; with shared sampling seeds an answer "
-            "changes only where that tips a sampled token."
+            + ". With shared sampling seeds an answer changes only where the PPO update tips a "
+            "sampled token."
         )
     if shares["unjudged"]:
         notes.append(f"{shares['unjudged']} held-out answers were rejected by the judge.")

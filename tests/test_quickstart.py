@@ -198,6 +198,16 @@ def test_tiny_quickstart_end_to_end_then_a_rerun_skips_every_stage(tmp_path):
         assert sum(stats["mean"]) == pytest.approx(1.0)
     ppo = json.loads((out / "ppo-ot" / "metrics.json").read_text())
     assert ppo["steps"] == 2 and (out / "ppo-bt" / "steps.jsonl").is_file()
+    # RLOO groups: each step samples 4 prompts twice, the two samples of a prompt side by side,
+    # each with its own position (so its own sampling seed).
+    steps = [json.loads(line) for line in (out / "ppo-ot" / "steps.jsonl").read_text().splitlines()]
+    for step in steps:
+        ids = step["prompt_ids"]
+        assert len(ids) == len(set(ids)) == 8
+        prompts = [i.split("@")[0] for i in ids]
+        assert prompts[0::2] == prompts[1::2] and len(set(prompts)) == 4
+        assert "value_loss" not in step
+    assert "x 2 samples (rloo advantages)" in page
 
     start = time.perf_counter()
     again = run_cli("quickstart", "size=tiny", f"output_dir={out}")
