@@ -9,6 +9,7 @@ config dataclass and a `run(cfg) -> metrics` function. Exit codes: 0 done, 1 fai
 from __future__ import annotations
 
 import json
+import os
 import signal
 import sys
 import threading
@@ -39,11 +40,14 @@ def _raise_terminated(signum: int, frame: Any) -> None:
     raise Terminated()
 
 
-def _stop_ray() -> None:
-    """Shut down the Ray this process started or joined, if any (its actors and local cluster)."""
+def _stop_ray() -> bool:
+    """Shut down the Ray this process started or joined (its actors and local cluster), if any;
+    whether there was one."""
     ray = sys.modules.get("ray")
-    if ray is not None and ray.is_initialized():
-        ray.shutdown()
+    if ray is None or not ray.is_initialized():
+        return False
+    ray.shutdown()
+    return True
 
 
 @dataclass(frozen=True)
@@ -197,11 +201,17 @@ def run_job(job: Job, argv: Sequence[str] | None = None) -> int:
         code = EXIT_SIGINT if isinstance(exc, KeyboardInterrupt) else EXIT_SIGTERM
         name = "Ctrl-C" if code == EXIT_SIGINT else "SIGTERM"
         print(
-            f"\n{prog}: stopped by {name}; finished work is kept in {output_dir} "
+            f"\n{prog}: stopped by {name}; finished work is kept "
             "(rerun the same command to resume where the job supports it)",
             file=sys.stderr,
         )
-        _stop_ray()
+        ray_was_running = _stop_ray()
+        if code == EXIT_SIGTERM and ray_was_running:
+            # After a SIGTERM that Ray's own C++ handler also saw, the interpreter's exit aborts
+            # (SIGABRT, 134) in Ray's teardown; the work is saved and Ray is down, so leave now.
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os._exit(code)
         return code
     finally:
         if in_main_thread:
