@@ -232,6 +232,19 @@ def test_the_messages_name_the_row(tmp_path, capsys, reward_model_dir):
     assert code == 1 and f"{blank}:1: empty text in 'prompt'" in text, text
 
 
+def test_a_folder_that_is_not_a_reward_model_exits_1_naming_it(tmp_path, capsys):
+    data = _good_annotations(tmp_path / "ann.parquet")
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    (broken / "reward_model.json").write_text("{}")
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    for model in (broken, empty):
+        args = ["reward", f"model={model}", f"data={data}", f"output_dir={tmp_path}/o"]
+        code, text = run_main("evaluate", args, capsys)
+        assert code == 1 and str(model) in text and "Traceback" not in text, text
+
+
 def test_train_reward_and_distill_check_one_batch_before_ray_train(tmp_path, capsys):
     small = _good_annotations(tmp_path / "small.parquet", rows=4)
     args = [f"data={small}", f"output_dir={tmp_path}/o", "wandb.mode=disabled"]
