@@ -254,37 +254,50 @@ def split_transcripts(chosen: str, rejected: str) -> tuple[str, str, str] | None
     return chosen[:end], chosen[end:].strip(), rejected[end:].strip()
 
 
-def _read_jsonl(path: Path) -> tuple[list[dict[str, Any] | None], list[str]]:
-    """Rows in line order; a line that is not a JSON object is reported and kept as None."""
-    rows: list[dict[str, Any] | None] = []
-    problems: list[str] = []
-    with path.open("rb") as f:
+def iter_jsonl(
+    path: str | Path, skip_blank: bool = False
+) -> Iterator[tuple[int, dict[str, Any] | None, str | None]]:
+    """(line number, row, problem) for each line of a JSONL file: the row when the line is a
+    JSON object, else None and the problem as `file:line: problem` (bytes that are not UTF-8,
+    bad JSON, not an object, an empty line unless `skip_blank`)."""
+    with Path(path).open("rb") as f:
         for line_no, raw in enumerate(f, start=1):
+            where = f"{path}:{line_no}"
             try:
                 line = raw.decode("utf-8")
             except UnicodeDecodeError as exc:
-                problems.append(
-                    f"{path}:{line_no}: not UTF-8 text (byte 0x{raw[exc.start]:02x} at "
-                    f"column {exc.start + 1}); save the file as UTF-8"
+                yield (
+                    line_no,
+                    None,
+                    (
+                        f"{where}: not UTF-8 text (byte 0x{raw[exc.start]:02x} at "
+                        f"column {exc.start + 1}); save the file as UTF-8"
+                    ),
                 )
-                rows.append(None)
                 continue
             if not line.strip():
-                problems.append(f"{path}:{line_no}: empty line")
-                rows.append(None)
+                if not skip_blank:
+                    yield line_no, None, f"{where}: empty line"
                 continue
             try:
                 row = json.loads(line)
             except json.JSONDecodeError as exc:
-                problems.append(f"{path}:{line_no}: bad JSON: {exc.msg} (column {exc.colno})")
-                rows.append(None)
+                yield line_no, None, f"{where}: bad JSON: {exc.msg} (column {exc.colno})"
                 continue
             if not isinstance(row, dict):
-                problems.append(
-                    f"{path}:{line_no}: expected a JSON object, got {type(row).__name__}"
-                )
-                row = None
-            rows.append(row)
+                yield line_no, None, f"{where}: expected a JSON object, got {type(row).__name__}"
+                continue
+            yield line_no, row, None
+
+
+def _read_jsonl(path: Path) -> tuple[list[dict[str, Any] | None], list[str]]:
+    """Rows in line order; a line that is not a JSON object is reported and kept as None."""
+    rows: list[dict[str, Any] | None] = []
+    problems: list[str] = []
+    for _, row, problem in iter_jsonl(path):
+        rows.append(row)
+        if problem:
+            problems.append(problem)
     return rows, problems
 
 

@@ -128,16 +128,16 @@ class PersonaUsersConfig:
     )
     seen_users: int = field(default=40, metadata={"min": 1, "help": "users in train.parquet"})
     unseen_users: int = field(
-        default=20, metadata={"min": 1, "help": "users held out for adaptation"}
+        default=20, metadata={"min": 0, "help": "users held out for adaptation"}
     )
     train_per_user: int = field(
-        default=100, metadata={"min": 1, "help": "comparisons per seen user"}
+        default=100, metadata={"min": 0, "help": "comparisons per seen user"}
     )
     test_per_user: int = field(
-        default=50, metadata={"min": 1, "help": "test comparisons per user (seen and unseen)"}
+        default=50, metadata={"min": 0, "help": "test comparisons per user (seen and unseen)"}
     )
     adapt_per_user: int = field(
-        default=100, metadata={"min": 1, "help": "adaptation comparisons per unseen user"}
+        default=100, metadata={"min": 0, "help": "adaptation comparisons per unseen user"}
     )
     test_fraction: float = field(
         default=0.25,
@@ -166,7 +166,7 @@ def persona_users(cfg: PersonaUsersConfig) -> dict:
     import json
     from pathlib import Path
 
-    from dprm_ray.data import write_rows, write_text
+    from dprm_ray.data import DataError, write_rows, write_text
     from dprm_ray.persona_users import SPLITS, build_persona_users, describe_users
 
     try:
@@ -184,6 +184,8 @@ def persona_users(cfg: PersonaUsersConfig) -> dict:
             num_types=cfg.num_types,
             type_fidelity=cfg.type_fidelity,
         )
+    except DataError:
+        raise  # a bad statement file (DataError is a ValueError too): exit 1, not a config error
     except ValueError as exc:  # bad counts or fractions: a config problem
         print(f"dprm-ray data persona-users: config error: {exc}", file=sys.stderr)
         raise SystemExit(2) from None

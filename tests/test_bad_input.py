@@ -232,6 +232,29 @@ def test_the_messages_name_the_row(tmp_path, capsys, reward_model_dir):
     assert code == 1 and f"{blank}:1: empty text in 'prompt'" in text, text
 
 
+@pytest.mark.parametrize("command", ["persona-crowd", "persona-users"])
+def test_persona_statements_that_are_not_utf8_name_file_and_line(tmp_path, capsys, command):
+    folder = tmp_path / "persona"
+    folder.mkdir()
+    good = {
+        "question": "Would you say so?",
+        "statement": "I like tea",
+        "label_confidence": 0.9,
+        "answer_matching_behavior": " Yes",
+        "answer_not_matching_behavior": " No",
+    }
+    bad = folder / "likes-tea.jsonl"
+    bad.write_bytes(json.dumps(good).encode() + b'\n{"statement": "caf\xe9"}\n')
+    out = (
+        "out=" + str(tmp_path / "x.parquet")
+        if command == "persona-crowd"
+        else f"out_dir={tmp_path}/u"
+    )
+    args = [command, f"persona_dir={folder}", out, f"output_dir={tmp_path}/o"]
+    code, text = run_main("data", args, capsys)
+    assert code == 1 and f"{bad}:2: not UTF-8 text" in text and "Traceback" not in text, text
+
+
 def test_a_folder_that_is_not_a_reward_model_exits_1_naming_it(tmp_path, capsys):
     data = _good_annotations(tmp_path / "ann.parquet")
     broken = tmp_path / "broken"
