@@ -1,9 +1,14 @@
 """One config tree per job: OmegaConf structured configs built from dataclasses.
 
 A job's config is its dataclass defaults, then an optional YAML file (`--config FILE`), then
-dotted overrides (`a.b=c`, or `--a-b c` for convenience). Unknown keys, wrong types and missing
-required values raise `ConfigError` with a one-line message that names the key, before any Ray or
-model start-up.
+dotted overrides (`a.b=c`, or `--a-b c` for convenience). Unknown keys, wrong types, missing
+required values and numbers out of range raise `ConfigError` with a one-line message that names
+the key, before any Ray or model start-up.
+
+Ranges and output paths are declared in a field's metadata, next to its help text:
+`min`/`max` (inclusive) and `above`/`below` (exclusive) bound a number (None, where a field
+allows it, is not checked); `output: "file"` or `"folder"` marks a path the job writes, checked
+by `check_output_paths` before the job starts.
 """
 
 from __future__ import annotations
@@ -28,6 +33,8 @@ T = TypeVar("T")
 __all__ = [
     "MISSING",
     "ConfigError",
+    "check_output_paths",
+    "check_ranges",
     "describe_config",
     "load_config",
     "normalise_overrides",
@@ -85,6 +92,75 @@ def _merge(base: DictConfig, other: Any, source: str) -> DictConfig:
         raise ConfigError(f"{source}: {_one_line(exc)}") from None
 
 
+RANGE_KEYS = {"min": ">=", "max": "<=", "above": ">", "below": "<"}
+
+
+def _out_of_range(value: float, metadata: Any) -> str | None:
+    """`must be >= 1` if `value` breaks a bound in the field's metadata, else None."""
+    for key, op in RANGE_KEYS.items():
+        if key not in metadata:
+            continue
+        bound = metadata[key]
+        ok = {
+            ">=": value >= bound,
+            "<=": value <= bound,
+            ">": value > bound,
+            "<": value < bound,
+        }[op]
+        if not ok:
+            return f"must be {op} {bound}"
+    return None
+
+
+def range_text(metadata: Any) -> str:
+    """The bounds of a field as text, e.g. `>= 0, < 1` ('' when unbounded)."""
+    return ", ".join(f"{op} {metadata[key]}" for key, op in RANGE_KEYS.items() if key in metadata)
+
+
+def check_ranges(cfg: Any, schema: type, prefix: str = "") -> None:
+    """Raise ConfigError naming the first key whose number is outside its declared range."""
+    hints = typing.get_type_hints(schema)
+    for field in dataclasses.fields(schema):
+        key = f"{prefix}{field.name}"
+        if dataclasses.is_dataclass(hints[field.name]):
+            nested = getattr(cfg, field.name)
+            check_ranges(nested, typing.cast(type, hints[field.name]), prefix=f"{key}.")
+            continue
+        if not set(RANGE_KEYS) & set(field.metadata):
+            continue
+        value = getattr(cfg, field.name)
+        if value is None or not isinstance(value, int | float) or isinstance(value, bool):
+            continue
+        problem = _out_of_range(value, field.metadata)
+        if problem:
+            raise ConfigError(f"{key}: {problem}, got {value}")
+
+
+def check_output_paths(cfg: Any, schema: type, prefix: str = "") -> None:
+    """Raise ConfigError naming the first output key (and `output_dir`) that cannot be written:
+    a file where a folder is wanted, a folder where a file is, or a file in the way of either."""
+    hints = typing.get_type_hints(schema)
+    for field in dataclasses.fields(schema):
+        key = f"{prefix}{field.name}"
+        if dataclasses.is_dataclass(hints[field.name]):
+            nested = getattr(cfg, field.name)
+            check_output_paths(nested, typing.cast(type, hints[field.name]), prefix=f"{key}.")
+            continue
+        kind = "folder" if field.name == "output_dir" else field.metadata.get("output")
+        if not kind or not getattr(cfg, field.name):
+            continue
+        path = Path(getattr(cfg, field.name))
+        if kind == "folder" and path.exists() and not path.is_dir():
+            raise ConfigError(f"{key}: {path} is a file, expected a folder to write into")
+        if kind == "file" and path.is_dir():
+            raise ConfigError(f"{key}: {path} is a folder, expected the name of a file to write")
+        for parent in path.parents:
+            if parent.exists():
+                if not parent.is_dir():
+                    raise ConfigError(f"{key}: cannot write {path}: {parent} is a file")
+                break
+
+
 def load_config(
     schema: type[T], config_file: str | Path | None = None, overrides: Sequence[str] = ()
 ) -> T:
@@ -119,6 +195,7 @@ def load_config(
         OmegaConf.to_container(cfg, throw_on_missing=True)
     except MissingMandatoryValue as exc:
         raise ConfigError(f"missing required config value '{_key_of(exc)}'") from None
+    check_ranges(cfg, schema)
     OmegaConf.set_readonly(cfg, True)
     return typing.cast(T, cfg)
 
@@ -151,5 +228,7 @@ def describe_config(schema: type, prefix: str = "") -> list[str]:
             default = MISSING
         shown = "(required)" if default == MISSING else repr(default)
         doc = field.metadata.get("help", "")
+        bounds = range_text(field.metadata)
+        doc = f"{bounds}; {doc}" if bounds and doc else bounds or doc
         lines.append(f"  {key}: {_type_name(tp)} = {shown}" + (f"  # {doc}" if doc else ""))
     return lines

@@ -113,7 +113,7 @@ def _schema(kind: str) -> tuple[Column, ...]:
     return SCHEMAS[kind]
 
 
-def detect_kind(columns: Iterable[str]) -> str:
+def detect_kind(columns: Iterable[str], source: str = "data") -> str:
     names = set(columns)
     if names & {"prior", "posterior", "target", "votes"}:
         return "annotations"
@@ -123,7 +123,12 @@ def detect_kind(columns: Iterable[str]) -> str:
         return "rollouts"
     if "prompt" in names:
         return "prompts"
-    raise ValueError(f"cannot tell the data kind from columns {sorted(names)}")
+    raise DataError(
+        [
+            f"{source}: cannot tell the data kind from columns {sorted(names)} (expected a "
+            "`prompt`, `response`, `chosen`/`rejected` or `target` column; see `kind=`)"
+        ]
+    )
 
 
 # --------------------------------------------------------------------------- row validation
@@ -249,28 +254,50 @@ def split_transcripts(chosen: str, rejected: str) -> tuple[str, str, str] | None
     return chosen[:end], chosen[end:].strip(), rejected[end:].strip()
 
 
-def _read_jsonl(path: Path) -> tuple[list[dict[str, Any] | None], list[str]]:
-    """Rows in line order; a line that is not a JSON object is reported and kept as None."""
-    rows: list[dict[str, Any] | None] = []
-    problems: list[str] = []
-    with path.open(encoding="utf-8") as f:
-        for line_no, line in enumerate(f, start=1):
+def iter_jsonl(
+    path: str | Path, skip_blank: bool = False
+) -> Iterator[tuple[int, dict[str, Any] | None, str | None]]:
+    """(line number, row, problem) for each line of a JSONL file: the row when the line is a
+    JSON object, else None and the problem as `file:line: problem` (bytes that are not UTF-8,
+    bad JSON, not an object, an empty line unless `skip_blank`)."""
+    with Path(path).open("rb") as f:
+        for line_no, raw in enumerate(f, start=1):
+            where = f"{path}:{line_no}"
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as exc:
+                yield (
+                    line_no,
+                    None,
+                    (
+                        f"{where}: not UTF-8 text (byte 0x{raw[exc.start]:02x} at "
+                        f"column {exc.start + 1}); save the file as UTF-8"
+                    ),
+                )
+                continue
             if not line.strip():
-                problems.append(f"{path}:{line_no}: empty line")
-                rows.append(None)
+                if not skip_blank:
+                    yield line_no, None, f"{where}: empty line"
                 continue
             try:
                 row = json.loads(line)
             except json.JSONDecodeError as exc:
-                problems.append(f"{path}:{line_no}: bad JSON: {exc.msg} (column {exc.colno})")
-                rows.append(None)
+                yield line_no, None, f"{where}: bad JSON: {exc.msg} (column {exc.colno})"
                 continue
             if not isinstance(row, dict):
-                problems.append(
-                    f"{path}:{line_no}: expected a JSON object, got {type(row).__name__}"
-                )
-                row = None
-            rows.append(row)
+                yield line_no, None, f"{where}: expected a JSON object, got {type(row).__name__}"
+                continue
+            yield line_no, row, None
+
+
+def _read_jsonl(path: Path) -> tuple[list[dict[str, Any] | None], list[str]]:
+    """Rows in line order; a line that is not a JSON object is reported and kept as None."""
+    rows: list[dict[str, Any] | None] = []
+    problems: list[str] = []
+    for _, row, problem in iter_jsonl(path):
+        rows.append(row)
+        if problem:
+            problems.append(problem)
     return rows, problems
 
 
@@ -320,6 +347,101 @@ def _arrow_type_problems(table: pa.Table, kind: str, source: str) -> list[str]:
     return problems
 
 
+def _existing_file(path: str | Path) -> Path:
+    """`path` as a Path, once it is known to be a readable file of a supported type."""
+    path = Path(path)
+    if path.is_dir():
+        raise DataError([f"{path}: is a folder, expected a .parquet or .jsonl file"])
+    if not path.is_file():
+        raise DataError([f"{path}: no such file"])
+    if path.suffix not in (".parquet", ".jsonl", ".json"):
+        raise DataError([f"{path}: unsupported file type '{path.suffix}' (use .parquet or .jsonl)"])
+    return path
+
+
+def _read_parquet(path: Path, columns: Sequence[str] | None = None) -> pa.Table:
+    try:
+        return pq.read_table(path, columns=columns)
+    except (pa.ArrowException, OSError) as exc:
+        first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise DataError([f"{path}: not a readable parquet file: {first}"]) from None
+
+
+def _table_rows(table: pa.Table) -> list[dict[str, Any]]:
+    # Absent optional values come back as None; drop them so the row checks see "missing".
+    return [{k: v for k, v in row.items() if v is not None} for row in table.to_pylist()]
+
+
+def read_records(path: str | Path) -> list[dict[str, Any]]:
+    """Every row of a parquet or JSONL file as a dict, without a stage schema.
+
+    For files whose columns belong to no stage (e.g. human votes); decoding and parse problems
+    raise DataError naming `file:row`, as in `load_rows`.
+    """
+    path = _existing_file(path)
+    if path.suffix == ".parquet":
+        rows = _table_rows(_read_parquet(path))
+    else:
+        parsed, problems = _read_jsonl(path)
+        if problems:
+            raise DataError(problems)
+        rows = [row for row in parsed if row is not None]
+    if not rows:
+        raise DataError([f"{path}: no rows"])
+    return rows
+
+
+def read_text_columns(
+    path: str | Path,
+    required: Sequence[str],
+    optional: Sequence[str] = (),
+    allow_empty: bool = False,
+) -> list[dict[str, str]]:
+    """The string columns `required` (and `optional` where present) of any parquet or JSONL
+    file, one dict per row; other columns are ignored.
+
+    For readers that need only some text columns of files of any stage (prompts for PPO, the
+    prompt/response pairs to annotate). A missing column, a value that is not a string, or
+    (unless `allow_empty`) blank text raises DataError naming `file:row`.
+    """
+    wanted = [*required, *optional]
+    path = _existing_file(path)
+    if path.suffix == ".parquet":
+        try:
+            names = pq.read_schema(path).names
+        except (pa.ArrowException, OSError) as exc:
+            raise DataError([f"{path}: not a readable parquet file: {exc}"]) from None
+        missing = [c for c in required if c not in names]
+        if missing:
+            raise DataError([f"{path}: missing column(s) {', '.join(missing)}"])
+        records = _table_rows(_read_parquet(path, [c for c in wanted if c in names]))
+        if not records:
+            raise DataError([f"{path}: no rows"])
+    else:
+        records = read_records(path)
+    problems: list[str] = []
+    rows: list[dict[str, str]] = []
+    for i, record in enumerate(records, start=1):
+        row = {}
+        for name in wanted:
+            value = record.get(name)
+            if value is None:
+                if name in required:
+                    problems.append(f"{path}:{i}: missing column '{name}'")
+                continue
+            if not isinstance(value, str):
+                problems.append(
+                    f"{path}:{i}: '{name}' must be a string, got {type(value).__name__}"
+                )
+            elif not allow_empty and not value.strip():
+                problems.append(f"{path}:{i}: empty text in '{name}'")
+            row[name] = value
+        rows.append(row)
+    if problems:
+        raise DataError(problems)
+    return rows
+
+
 @dataclass
 class Loaded:
     kind: str
@@ -338,31 +460,25 @@ def load_rows(
     Raises DataError listing every `file:row: problem`, unless `skip_invalid`: then bad rows are
     left out and their problems returned in `Loaded.skipped` (file-level problems still raise).
     """
-    path = Path(path)
-    if not path.is_file():
-        raise DataError([f"{path}: no such file"])
+    path = _existing_file(path)
     row_problems: list[str] = []
     if path.suffix in (".jsonl", ".json"):
         rows, row_problems = _read_jsonl(path)
+        if not any(rows):
+            raise DataError(row_problems or [f"{path}: no rows"])
         if kind is None:
-            kind = detect_kind({k for row in rows[:100] if row for k in row})
+            kind = detect_kind({k for row in rows[:100] if row for k in row}, str(path))
         if kind == "pairs":
             row_problems += _hh_rlhf_to_pairs(rows, str(path))
-    elif path.suffix == ".parquet":
-        try:
-            table = pq.read_table(path)
-        except (pa.ArrowInvalid, OSError) as exc:
-            raise DataError([f"{path}: not a readable parquet file: {exc}"]) from None
-        kind = kind or detect_kind(table.column_names)
+    else:
+        table = _read_parquet(path)
+        if table.num_rows == 0:
+            raise DataError([f"{path}: no rows"])
+        kind = kind or detect_kind(table.column_names, str(path))
         type_problems = _arrow_type_problems(table, kind, str(path))
         if type_problems:
             raise DataError(type_problems)
-        # Absent optional values come back as None; drop them so the row checks see "missing".
-        rows = [{k: v for k, v in row.items() if v is not None} for row in table.to_pylist()]
-    else:
-        raise DataError([f"{path}: unsupported file type '{path.suffix}' (use .parquet or .jsonl)"])
-    if not rows:
-        raise DataError([f"{path}: no rows"])
+        rows = _table_rows(table)
     row_problems += validate_rows(rows, kind, str(path), num_labels)
     if row_problems and not skip_invalid:
         raise DataError(row_problems)

@@ -38,8 +38,10 @@ from dprm_ray.training import (
 @dataclass
 class DistillLossConfig:
     kind: str = field(default="edpo", metadata={"help": "dpo, ipo, ddpo, edpo or pdpo"})
-    beta: float = 0.1
-    gamma: float = field(default=0.0, metadata={"help": "weight of the reference NLL (e/p-DPO)"})
+    beta: float = field(default=0.1, metadata={"above": 0})
+    gamma: float = field(
+        default=0.0, metadata={"min": 0, "help": "weight of the reference NLL (e/p-DPO)"}
+    )
     per_example: bool = field(
         default=False, metadata={"help": "e-DPO: min over the ensemble per example, not per batch"}
     )
@@ -48,9 +50,9 @@ class DistillLossConfig:
 @dataclass
 class LoraConfig:
     enabled: bool = False
-    r: int = 8
-    alpha: int = 16
-    dropout: float = 0.0
+    r: int = field(default=8, metadata={"min": 1})
+    alpha: int = field(default=16, metadata={"min": 1})
+    dropout: float = field(default=0.0, metadata={"min": 0, "below": 1})
     target_modules: list[str] = field(default_factory=lambda: ["q_proj", "v_proj"])
 
 
@@ -58,23 +60,24 @@ class LoraConfig:
 class DistillConfig:
     data: str = field(default=MISSING, metadata={"help": "pairs parquet from distill precompute"})
     eval_data: str = field(default="", metadata={"help": "held-out pairs ('' = split off data)"})
-    val_fraction: float = 0.1
+    val_fraction: float = field(default=0.1, metadata={"above": 0, "below": 1})
     policy: str = field(default="tiny", metadata={"help": "policy spec; also the reference"})
     loss: DistillLossConfig = field(default_factory=DistillLossConfig)
     lora: LoraConfig = field(default_factory=LoraConfig)
-    max_length: int = 512
+    max_length: int = field(default=512, metadata={"min": 1})
     optim: OptimConfig = field(
         default_factory=lambda: OptimConfig(lr=1e-5, batch_size=4, epochs=1, grad_clip=1.0)
     )
     scale: ScaleConfig = field(default_factory=ScaleConfig)
-    seed: int = 0
-    checkpoint_every: int = 50
+    seed: int = field(default=0, metadata={"min": 0})
+    checkpoint_every: int = field(default=50, metadata={"min": 0})
     resume: bool = True
-    log_every: int = 10
+    log_every: int = field(default=10, metadata={"min": 1})
     eval_kl_prompts: int = field(
-        default=8, metadata={"help": "held-out prompts sampled for the reverse-KL estimate"}
+        default=8,
+        metadata={"min": 0, "help": "held-out prompts sampled for the reverse-KL estimate"},
     )
-    max_new_tokens: int = 32
+    max_new_tokens: int = field(default=32, metadata={"min": 1})
     wandb: WandbConfig = field(default_factory=WandbConfig)
     output_dir: str = "outputs/distill"
 
@@ -97,10 +100,13 @@ REQUIRED = {
 
 
 def load_distill_data(path: str, loss: DistillLossConfig) -> DistillData:
+    from dprm_ray.config import ConfigError
     from dprm_ray.data import DataError, load_rows
 
     if loss.kind not in OFFLINE_LOSSES:
-        raise ValueError(f"loss.kind must be one of {', '.join(OFFLINE_LOSSES)}, got '{loss.kind}'")
+        raise ConfigError(
+            f"loss.kind: must be one of {', '.join(OFFLINE_LOSSES)}, got '{loss.kind}'"
+        )
     rows = load_rows(path, kind="pairs").rows
     needed = list(REQUIRED[loss.kind])
     if loss.kind in ("edpo", "pdpo") and loss.gamma > 0:
@@ -128,6 +134,21 @@ def split_pairs(data: DistillData, fraction: float, seed: int) -> tuple[DistillD
         DistillData([r for r in data.rows if r["prompt"] not in held]),
         DistillData([r for r in data.rows if r["prompt"] in held]),
     )
+
+
+def training_pairs(cfg: DistillConfig) -> tuple[DistillData, DistillData]:
+    """(training, held-out) pairs of a run, checked for its loss and for one global batch.
+
+    The driver calls it before Ray Train starts, so bad data or config stops the job once with
+    one message instead of failing every worker and every retry.
+    """
+    data = load_distill_data(cfg.data, cfg.loss)
+    if cfg.eval_data:
+        train, held = data, load_distill_data(cfg.eval_data, cfg.loss)
+    else:
+        train, held = split_pairs(data, cfg.val_fraction, cfg.seed)
+    total_steps(len(train.rows), cfg.optim, cfg.scale.num_workers, cfg.data, "pairs")
+    return train, held
 
 
 def _policy_logps(
@@ -216,11 +237,7 @@ def distill_worker(
 
     rank, world = ensure_process_group()
     out_dir = Path(cfg.output_dir)
-    data = load_distill_data(cfg.data, cfg.loss)
-    if cfg.eval_data:
-        train, held = data, load_distill_data(cfg.eval_data, cfg.loss)
-    else:
-        train, held = split_pairs(data, cfg.val_fraction, cfg.seed)
+    train, held = training_pairs(cfg)
 
     torch.manual_seed(cfg.seed)
     model, tokenizer = build_policy(cfg)

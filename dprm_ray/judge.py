@@ -75,10 +75,10 @@ class Persona:
 
 @dataclass
 class VllmJudgeConfig:
-    max_model_len: int = 2048
-    gpu_memory_utilization: float = 0.8
-    tensor_parallel_size: int = 1
-    cpu_kvcache_gib: int = 2
+    max_model_len: int = field(default=2048, metadata={"min": 1})
+    gpu_memory_utilization: float = field(default=0.8, metadata={"above": 0, "max": 1})
+    tensor_parallel_size: int = field(default=1, metadata={"min": 1})
+    cpu_kvcache_gib: int = field(default=2, metadata={"min": 1})
     enforce_eager: bool = True
 
 
@@ -91,13 +91,14 @@ class OpenAIJudgeConfig:
     api_key_env: str = field(
         default="OPENAI_API_KEY", metadata={"help": "env var holding the API key ('' = none)"}
     )
-    timeout_s: float = 60.0
-    max_retries: int = 3
-    backoff_s: float = 1.0
+    timeout_s: float = field(default=60.0, metadata={"above": 0})
+    max_retries: int = field(default=3, metadata={"min": 0})
+    backoff_s: float = field(default=1.0, metadata={"min": 0})
     top_logprobs: int = field(
-        default=20, metadata={"help": "top log-probs to ask for (options must appear in them)"}
+        default=20,
+        metadata={"min": 1, "help": "top log-probs to ask for (options must appear in them)"},
     )
-    prompts_per_request: int = 8
+    prompts_per_request: int = field(default=8, metadata={"min": 1})
 
 
 @dataclass
@@ -112,7 +113,7 @@ class JudgeConfig:
         default="", metadata={"help": "persona catalog YAML ('' = the built-in 28 personas)"}
     )
     personas_per_item: int = field(
-        default=0, metadata={"help": "personas sampled per item (0 = all of them)"}
+        default=0, metadata={"min": 0, "help": "personas sampled per item (0 = all of them)"}
     )
     vote: str = field(
         default="argmax",
@@ -121,27 +122,34 @@ class JudgeConfig:
             "expected score)"
         },
     )
-    temperature: float = field(default=1.0, metadata={"help": "sampling temperature of votes"})
-    kappa: float = field(default=1.0, metadata={"help": "prior strength in pseudo-votes"})
-    eps: float = field(default=0.1, metadata={"help": "label smoothing of unanimous targets"})
+    temperature: float = field(
+        default=1.0, metadata={"above": 0, "help": "sampling temperature of votes"}
+    )
+    kappa: float = field(default=1.0, metadata={"min": 0, "help": "prior strength in pseudo-votes"})
+    eps: float = field(
+        default=0.1, metadata={"min": 0, "below": 1, "help": "label smoothing of unanimous targets"}
+    )
     calibrate: bool = field(
         default=False,
         metadata={"help": "divide out the option distribution of content-free inputs per persona"},
     )
-    seed: int = 0
+    seed: int = field(default=0, metadata={"min": 0})
     rubric: str = field(default="", metadata={"help": "rubric text ('' = label space default)"})
     template: str = DEFAULT_TEMPLATE
     persona_template: str = DEFAULT_PERSONA_TEMPLATE
     max_prompt_chars: int = field(
-        default=2000, metadata={"help": "keep the last N characters of the conversation"}
+        default=2000, metadata={"min": 1, "help": "keep the last N characters of the conversation"}
     )
     max_response_chars: int = field(
-        default=2000, metadata={"help": "keep the first N characters of the response"}
+        default=2000, metadata={"min": 1, "help": "keep the first N characters of the response"}
     )
     max_tokens: int = field(
-        default=1024, metadata={"help": "reject judge prompts longer than this after truncation"}
+        default=1024,
+        metadata={"min": 1, "help": "reject judge prompts longer than this after truncation"},
     )
-    batch_size: int = field(default=8, metadata={"help": "judge prompts per forward pass"})
+    batch_size: int = field(
+        default=8, metadata={"min": 1, "help": "judge prompts per forward pass"}
+    )
     judge_id: str = field(default="", metadata={"help": "stored per row ('' = backend:model)"})
     vllm: VllmJudgeConfig = field(default_factory=VllmJudgeConfig)
     openai: OpenAIJudgeConfig = field(default_factory=OpenAIJudgeConfig)

@@ -45,10 +45,14 @@ class LearnerConfig:
     model: str = field(default="tiny", metadata={"help": "policy spec (models.load_model)"})
     reference: str = field(default="", metadata={"help": "reference policy ('' = model)"})
     lora: LoraConfig = field(default_factory=LoraConfig)
-    zero_stage: int = field(default=2, metadata={"help": "DeepSpeed ZeRO stage 0-3"})
-    num_ranks: int = field(default=1, metadata={"help": "learner ranks (Ray actors)"})
-    cpus_per_rank: float = 1.0
-    gpus_per_rank: float = field(default=0.0, metadata={"help": "> 0: NCCL instead of gloo"})
+    zero_stage: int = field(
+        default=2, metadata={"min": 0, "max": 3, "help": "DeepSpeed ZeRO stage 0-3"}
+    )
+    num_ranks: int = field(default=1, metadata={"min": 1, "help": "learner ranks (Ray actors)"})
+    cpus_per_rank: float = field(default=1.0, metadata={"min": 0, "help": "CPUs per rank"})
+    gpus_per_rank: float = field(
+        default=0.0, metadata={"min": 0, "help": "> 0: NCCL instead of gloo"}
+    )
     optim: OptimConfig = field(
         default_factory=lambda: OptimConfig(lr=1e-5, batch_size=4, epochs=1, grad_clip=1.0),
         metadata={
@@ -56,7 +60,7 @@ class LearnerConfig:
             "epochs and steps are the driver's)"
         },
     )
-    seed: int = 0
+    seed: int = field(default=0, metadata={"min": 0, "help": "initialisation seed"})
 
     def validate(self, prefix: str = "learner") -> None:
         if self.zero_stage not in (0, 1, 2, 3):

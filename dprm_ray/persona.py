@@ -38,7 +38,6 @@ users.
 from __future__ import annotations
 
 import hashlib
-import json
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -47,7 +46,7 @@ from typing import Any
 
 import numpy as np
 
-from dprm_ray.data import DataError
+from dprm_ray.data import DataError, iter_jsonl
 
 __all__ = [
     "AGREE_TEMPLATE",
@@ -268,31 +267,25 @@ def load_persona_statements(
     problems: list[str] = []
     for path in files:
         kept = 0
-        with path.open(encoding="utf-8") as f:
-            for line_no, line in enumerate(f, start=1):
-                if max_per_behaviour is not None and kept >= max_per_behaviour:
-                    break
-                if not line.strip():
-                    continue
-                where = f"{path}:{line_no}"
-                try:
-                    row = json.loads(line)
-                except json.JSONDecodeError as exc:
-                    problems.append(f"{where}: bad JSON: {exc.msg} (column {exc.colno})")
-                    continue
-                stmt, bad = _check_statement(row, where)
-                problems.extend(bad)
-                if stmt is not None:
-                    statements.append(
-                        PersonaStatement(
-                            behaviour=path.stem,
-                            statement=stmt.statement,
-                            question=stmt.question,
-                            label_confidence=stmt.label_confidence,
-                            matches_on_yes=stmt.matches_on_yes,
-                        )
+        for line_no, row, problem in iter_jsonl(path, skip_blank=True):
+            if max_per_behaviour is not None and kept >= max_per_behaviour:
+                break
+            if problem is not None:
+                problems.append(problem)
+                continue
+            stmt, bad = _check_statement(row, f"{path}:{line_no}")
+            problems.extend(bad)
+            if stmt is not None:
+                statements.append(
+                    PersonaStatement(
+                        behaviour=path.stem,
+                        statement=stmt.statement,
+                        question=stmt.question,
+                        label_confidence=stmt.label_confidence,
+                        matches_on_yes=stmt.matches_on_yes,
                     )
-                    kept += 1
+                )
+                kept += 1
     if problems:
         raise DataError(problems)
     return statements

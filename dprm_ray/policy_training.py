@@ -27,13 +27,15 @@ class RewardConfig:
     model: str = field(
         default=MISSING, metadata={"help": "reward model folder (train-reward output)"}
     )
-    num_shards: int = field(default=2, metadata={"help": "reward actors"})
-    cpus_per_shard: float = 0.5
-    gpus_per_shard: float = 0.0
-    max_restarts: int = field(default=3, metadata={"help": "restarts of a dead shard"})
-    max_length: int = field(default=512, metadata={"help": "tokens of prompt+response scored"})
-    batch_size: int = field(default=32, metadata={"help": "rollouts per forward pass"})
-    retries: int = field(default=3, metadata={"help": "times a failed call is retried"})
+    num_shards: int = field(default=2, metadata={"min": 1, "help": "reward actors"})
+    cpus_per_shard: float = field(default=0.5, metadata={"min": 0})
+    gpus_per_shard: float = field(default=0.0, metadata={"min": 0})
+    max_restarts: int = field(default=3, metadata={"min": 0, "help": "restarts of a dead shard"})
+    max_length: int = field(
+        default=512, metadata={"min": 1, "help": "tokens of prompt+response scored"}
+    )
+    batch_size: int = field(default=32, metadata={"min": 1, "help": "rollouts per forward pass"})
+    retries: int = field(default=3, metadata={"min": 0, "help": "times a failed call is retried"})
 
     def validate(self, prefix: str = "reward") -> None:
         if self.num_shards < 1:
@@ -55,31 +57,41 @@ class TrainPolicyConfig:
     eval_prompts: str = field(
         default="", metadata={"help": "held-out prompts for before/after shares ('' = built-in)"}
     )
-    eval_size: int = field(default=0, metadata={"help": "held-out prompts used (0 = all)"})
-    steps: int = field(default=50, metadata={"help": "PPO steps"})
+    eval_size: int = field(
+        default=0, metadata={"min": 0, "help": "held-out prompts used (0 = all)"}
+    )
+    steps: int = field(default=50, metadata={"min": 1, "help": "PPO steps"})
     prompts_per_step: int = field(
         default=8,
         metadata={
+            "min": 1,
             "help": "prompts per step (a multiple of learner.num_ranks); each is sampled "
-            "ppo.samples_per_prompt times"
+            "ppo.samples_per_prompt times",
         },
     )
-    chunk_size: int = field(default=2, metadata={"help": "samples per rollout-worker call"})
+    chunk_size: int = field(
+        default=2, metadata={"min": 1, "help": "samples per rollout-worker call"}
+    )
     learner: LearnerConfig = field(default_factory=LearnerConfig)
     ppo: PPOConfig = field(default_factory=PPOConfig)
     rollout: RolloutConfig = field(default_factory=RolloutConfig)
     reward: RewardConfig = field(default_factory=RewardConfig)
-    checkpoint_every: int = field(default=10, metadata={"help": "steps between checkpoints"})
-    keep_checkpoints: int = field(default=2, metadata={"help": "checkpoints kept on disk"})
+    checkpoint_every: int = field(
+        default=10, metadata={"min": 1, "help": "steps between checkpoints"}
+    )
+    keep_checkpoints: int = field(
+        default=2, metadata={"min": 1, "help": "checkpoints kept on disk"}
+    )
     resume: bool = field(default=True, metadata={"help": "continue from the latest checkpoint"})
     actor_threads: int = field(
         default=0,
         metadata={
+            "min": 0,
             "help": "torch/OMP threads per actor (0: Ray's default, one per CPU it asks for); "
-            "on a laptop, where generate/score/train take turns, set the core count"
+            "on a laptop, where generate/score/train take turns, set the core count",
         },
     )
-    seed: int = 0
+    seed: int = field(default=0, metadata={"min": 0})
     address: str = field(default="", metadata={"help": "Ray address ('' = local or RAY_ADDRESS)"})
     wandb: WandbConfig = field(default_factory=WandbConfig)
     output_dir: str = "outputs/ppo"
@@ -125,39 +137,21 @@ def load_prompts(path: str, split: str) -> list[dict[str, str]]:
             {"id": r["id"], "prompt": r["prompt"], "kind": r["kind"]}
             for r in builtin_prompts(split)
         ]
-    file = Path(path)
-    if not file.is_file():
-        raise FileNotFoundError(f"prompts file not found: {file}")
-    if file.suffix == ".parquet":
-        import pyarrow.parquet as pq
+    from dprm_ray.data import DataError, read_text_columns
 
-        rows = pq.read_table(file).to_pylist()
-    elif file.suffix in (".jsonl", ".json"):
-        rows = []
-        for n, line in enumerate(file.read_text(encoding="utf-8").splitlines(), 1):
-            if line.strip():
-                try:
-                    rows.append(json.loads(line))
-                except json.JSONDecodeError as exc:
-                    raise ValueError(f"{file}:{n}: not JSON: {exc.msg}") from None
-    else:
-        raise ValueError(f"{file}: prompts must be .jsonl or .parquet")
+    rows = read_text_columns(path, required=("prompt",), optional=("id",))
     out, seen = [], set()
     for i, row in enumerate(rows):
-        prompt = row.get("prompt") if isinstance(row, dict) else None
-        if not isinstance(prompt, str) or not prompt.strip():
-            raise ValueError(f"{file}: row {i} has no non-empty `prompt` string")
+        prompt = row["prompt"]
         if "id" not in row:
             # Without ids (e.g. an annotations file: one row per response), a prompt counts once.
             if prompt in seen:
                 continue
             seen.add(prompt)
         out.append({"id": str(row.get("id", f"row-{i}")), "prompt": prompt})
-    if not out:
-        raise ValueError(f"{file}: no prompts")
     ids = [r["id"] for r in out]
     if len(set(ids)) != len(ids):
-        raise ValueError(f"{file}: prompt ids are not unique")
+        raise DataError([f"{path}: prompt ids are not unique"])
     return out
 
 

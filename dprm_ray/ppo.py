@@ -40,16 +40,26 @@ def _no_reduce(x: torch.Tensor) -> torch.Tensor:
 
 @dataclass
 class PPOConfig:
-    clip_ratio: float = field(default=0.2, metadata={"help": "policy ratio clip epsilon"})
-    value_clip: float = field(default=0.2, metadata={"help": "value change clip (0: no clip)"})
-    vf_coef: float = field(default=0.1, metadata={"help": "weight of the value loss"})
-    gamma: float = 1.0
-    lam: float = field(default=0.95, metadata={"help": "GAE lambda"})
-    kl_coef: float = field(default=0.05, metadata={"help": "initial KL penalty coefficient"})
+    clip_ratio: float = field(
+        default=0.2, metadata={"above": 0, "help": "policy ratio clip epsilon"}
+    )
+    value_clip: float = field(
+        default=0.2, metadata={"min": 0, "help": "value change clip (0: no clip)"}
+    )
+    vf_coef: float = field(default=0.1, metadata={"min": 0, "help": "weight of the value loss"})
+    gamma: float = field(default=1.0, metadata={"min": 0, "max": 1, "help": "GAE discount"})
+    lam: float = field(default=0.95, metadata={"min": 0, "max": 1, "help": "GAE lambda"})
+    kl_coef: float = field(
+        default=0.05, metadata={"min": 0, "help": "initial KL penalty coefficient"}
+    )
     kl_estimator: str = field(default="k1", metadata={"help": "per-token KL: k1, k2 or k3"})
     kl_controller: str = field(default="fixed", metadata={"help": "fixed or adaptive"})
-    kl_target: float = field(default=6.0, metadata={"help": "adaptive: target sequence KL"})
-    kl_horizon: int = field(default=10000, metadata={"help": "adaptive: horizon in samples"})
+    kl_target: float = field(
+        default=6.0, metadata={"above": 0, "help": "adaptive: target sequence KL"}
+    )
+    kl_horizon: int = field(
+        default=10000, metadata={"min": 1, "help": "adaptive: horizon in samples"}
+    )
     whiten_rewards: bool = field(
         default=False, metadata={"help": "whiten sequence rewards over the global batch"}
     )
@@ -58,14 +68,23 @@ class PPOConfig:
         default="gae", metadata={"help": "gae (value head) | rloo | grpo (groups, no value head)"}
     )
     samples_per_prompt: int = field(
-        default=1, metadata={"help": "responses sampled per prompt (the group; >= 2 for rloo/grpo)"}
+        default=1,
+        metadata={
+            "min": 1,
+            "help": "responses sampled per prompt (the group; >= 2 for rloo/grpo)",
+        },
     )
-    ppo_epochs: int = field(default=1, metadata={"help": "passes over each experience batch"})
-    mini_batch_size: int = field(default=4, metadata={"help": "sequences per update, per rank"})
+    ppo_epochs: int = field(
+        default=1, metadata={"min": 1, "help": "passes over each experience batch"}
+    )
+    mini_batch_size: int = field(
+        default=4, metadata={"min": 1, "help": "sequences per update, per rank"}
+    )
     temperature: float = field(
-        default=1.0, metadata={"help": "sampling temperature the log-probs are taken at"}
+        default=1.0,
+        metadata={"above": 0, "help": "sampling temperature the log-probs are taken at"},
     )
-    max_length: int = field(default=512, metadata={"help": "prompt+response tokens kept"})
+    max_length: int = field(default=512, metadata={"min": 1, "help": "prompt+response tokens kept"})
 
     def validate(self, prefix: str = "ppo") -> None:
         if self.kl_estimator not in KL_ESTIMATORS:

@@ -196,13 +196,30 @@ def is_reward_model_dir(path: str | Path) -> bool:
     return (Path(path) / REWARD_CONFIG).is_file()
 
 
+def _reward_config(folder: Path) -> dict[str, Any]:
+    """The folder's reward_model.json, or ModelError saying why it is not a reward model."""
+    from dprm_ray.models import ModelError
+
+    needed = ("type", "pooling", "backbone", "backbone_spec", "freeze_backbone", "hidden_size")
+    try:
+        config = json.loads((folder / REWARD_CONFIG).read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        raise ModelError(f"{folder}: not a reward model folder ({REWARD_CONFIG}: {exc})") from None
+    missing = [k for k in needed if not isinstance(config, dict) or k not in config]
+    if not missing and config["type"] == "distributional" and "label_space" not in config:
+        missing = ["label_space"]
+    if missing:
+        raise ModelError(f"{folder / REWARD_CONFIG}: missing {', '.join(missing)}")
+    return config
+
+
 def load_reward_model(path: str | Path, with_backbone: bool = True) -> tuple[RewardModel, Any]:
     """Load a saved reward model folder -> (model in eval mode, tokenizer)."""
     from dprm_ray.labels import LabelSpace
     from dprm_ray.models import load_model
 
     folder = Path(path)
-    config = json.loads((folder / REWARD_CONFIG).read_text())
+    config = _reward_config(folder)
     backbone_kind = "causal-lm" if config["pooling"] == "last" else "encoder"
     backbone, tokenizer = None, None
     if with_backbone:

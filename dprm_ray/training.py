@@ -24,21 +24,27 @@ import torch
 
 @dataclass
 class OptimConfig:
-    lr: float = 1e-3
-    weight_decay: float = 0.0
-    batch_size: int = field(default=32, metadata={"help": "per worker"})
-    epochs: int = 3
-    max_steps: int = field(default=0, metadata={"help": "stop after this many steps (0: epochs)"})
-    grad_clip: float = 1.0
+    lr: float = field(default=1e-3, metadata={"above": 0})
+    weight_decay: float = field(default=0.0, metadata={"min": 0})
+    batch_size: int = field(default=32, metadata={"min": 1, "help": "per worker"})
+    epochs: int = field(default=3, metadata={"min": 1})
+    max_steps: int = field(
+        default=0, metadata={"min": 0, "help": "stop after this many steps (0: epochs)"}
+    )
+    grad_clip: float = field(default=1.0, metadata={"min": 0})
 
 
 @dataclass
 class ScaleConfig:
-    num_workers: int = 2
+    num_workers: int = field(default=2, metadata={"min": 1})
     use_gpu: bool = False
-    cpus_per_worker: float = 1.0
-    zero_stage: int = field(default=2, metadata={"help": "DeepSpeed ZeRO stage 0-3"})
-    max_failures: int = field(default=1, metadata={"help": "Ray Train worker-group restarts"})
+    cpus_per_worker: float = field(default=1.0, metadata={"min": 0})
+    zero_stage: int = field(
+        default=2, metadata={"min": 0, "max": 3, "help": "DeepSpeed ZeRO stage 0-3"}
+    )
+    max_failures: int = field(
+        default=1, metadata={"min": -1, "help": "Ray Train worker-group restarts (-1: no limit)"}
+    )
     address: str = field(default="", metadata={"help": "Ray address ('' = local or job's)"})
 
 
@@ -83,11 +89,15 @@ def step_rows(n: int, global_batch: int, seed: int, step: int) -> np.ndarray:
 
 
 def total_steps(n_items: int, optim: OptimConfig, world: int, source: str, what: str) -> int:
+    from dprm_ray.data import DataError
+
     global_batch = optim.batch_size * world
     if n_items < global_batch:
-        raise ValueError(
-            f"{source}: {n_items} training {what} is fewer than one global batch "
-            f"({optim.batch_size} x {world} workers); lower optim.batch_size"
+        raise DataError(
+            [
+                f"{source}: {n_items} training {what} is fewer than one global batch "
+                f"({optim.batch_size} x {world} workers); lower optim.batch_size"
+            ]
         )
     return optim.max_steps or optim.epochs * (n_items // global_batch)
 

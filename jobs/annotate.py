@@ -30,19 +30,31 @@ from jobs.runner import Command, Job, run_job
 
 @dataclass
 class PoolConfig:
-    min_actors: int = field(default=1, metadata={"help": "actors kept up (autoscaling minimum)"})
-    max_actors: int = field(default=2, metadata={"help": "autoscaling maximum"})
-    cpus_per_actor: float = 1.0
-    gpus_per_actor: float = 0.0
-    batch_size: int = field(default=8, metadata={"help": "rows per actor call (and per part file)"})
+    min_actors: int = field(
+        default=1, metadata={"min": 1, "help": "actors kept up (autoscaling minimum)"}
+    )
+    max_actors: int = field(default=2, metadata={"min": 1, "help": "autoscaling maximum"})
+    cpus_per_actor: float = field(default=1.0, metadata={"min": 0})
+    gpus_per_actor: float = field(default=0.0, metadata={"min": 0})
+    batch_size: int = field(
+        default=8, metadata={"min": 1, "help": "rows per actor call (and per part file)"}
+    )
 
 
 @dataclass
 class AnnotateConfig:
-    input: str = field(default=MISSING, metadata={"help": "parquet with prompt and response"})
-    output: str = field(default=MISSING, metadata={"help": "annotations parquet to write"})
+    input: str = field(
+        default=MISSING, metadata={"help": "parquet or JSONL with prompt and response"}
+    )
+    output: str = field(
+        default=MISSING, metadata={"help": "annotations parquet to write", "output": "file"}
+    )
     rejects: str = field(
-        default="", metadata={"help": "rejected rows parquet ('' = <output stem>.rejects.parquet)"}
+        default="",
+        metadata={
+            "help": "rejected rows parquet ('' = <output stem>.rejects.parquet)",
+            "output": "file",
+        },
     )
     judge: JudgeConfig = field(default_factory=JudgeConfig)
     pool: PoolConfig = field(default_factory=PoolConfig)
@@ -59,10 +71,16 @@ class UpdateConfig:
         default=MISSING,
         metadata={"help": "new votes: parquet with prompt, response (or row_key) and votes"},
     )
-    output: str = field(default=MISSING, metadata={"help": "updated annotations parquet"})
-    kappa: float = field(default=1.0, metadata={"help": "the kappa the annotations were made with"})
-    eps: float = 0.1
-    gamma: float = field(default=1.0, metadata={"help": "forgetting factor on the old evidence"})
+    output: str = field(
+        default=MISSING, metadata={"help": "updated annotations parquet", "output": "file"}
+    )
+    kappa: float = field(
+        default=1.0, metadata={"min": 0, "help": "the kappa the annotations were made with"}
+    )
+    eps: float = field(default=0.1, metadata={"min": 0, "below": 1})
+    gamma: float = field(
+        default=1.0, metadata={"min": 0, "max": 1, "help": "forgetting factor on the old evidence"}
+    )
     output_dir: str = "outputs/annotate-update"
 
 
@@ -80,29 +98,16 @@ def _paths(cfg: AnnotateConfig) -> tuple[Path, Path, Path]:
 def _read_input(path: str) -> tuple[Any, list[str]]:
     """The input's prompt/response columns and each row's key; checks the file and columns."""
     import pyarrow as pa
-    import pyarrow.parquet as pq
 
-    from dprm_ray.data import DataError
+    from dprm_ray.data import read_text_columns
     from dprm_ray.judge import row_key
 
-    if not Path(path).is_file():
-        raise DataError([f"{path}: no such file"])
-    try:
-        names = pq.read_schema(path).names
-        missing = [c for c in ("prompt", "response") if c not in names]
-        if missing:
-            raise DataError(
-                [f"{path}: missing column(s) {', '.join(missing)} (need prompt, response)"]
-            )
-        table = pq.read_table(path, columns=["prompt", "response"])
-    except (pa.ArrowInvalid, OSError) as exc:
-        raise DataError([f"{path}: not a readable parquet file: {exc}"]) from None
-    keys = [
-        row_key(str(p), str(r))
-        for p, r in zip(
-            table.column("prompt").to_pylist(), table.column("response").to_pylist(), strict=True
-        )
-    ]
+    # Empty texts are allowed here: the judge rejects them row by row, with the reason.
+    rows = read_text_columns(path, required=("prompt", "response"), allow_empty=True)
+    table = pa.Table.from_pylist(
+        rows, schema=pa.schema([("prompt", pa.string()), ("response", pa.string())])
+    )
+    keys = [row_key(r["prompt"], r["response"]) for r in rows]
     return table, keys
 
 
@@ -278,17 +283,14 @@ def annotate(cfg: AnnotateConfig) -> dict:
 
 def update(cfg: UpdateConfig) -> dict:
     import numpy as np
-    import pyarrow.parquet as pq
 
-    from dprm_ray.data import DataError, load_rows, write_rows
+    from dprm_ray.data import DataError, load_rows, read_records, write_rows
     from dprm_ray.judge import row_key, update_with_votes
     from dprm_ray.labels import get_label_space
     from dprm_ray.reward_eval import w1_on_line
 
     rows = load_rows(cfg.annotations, kind="annotations").rows
-    if not Path(cfg.votes).is_file():
-        raise DataError([f"{cfg.votes}: no such file"])
-    votes_rows = pq.read_table(cfg.votes).to_pylist()
+    votes_rows = read_records(cfg.votes)
     new_votes: dict[str, tuple[list[int], list[str]]] = {}
     problems = []
     for i, row in enumerate(votes_rows, start=1):

@@ -16,14 +16,18 @@ class ValidateConfig:
         default="auto", metadata={"help": "auto, prompts, rollouts, annotations or pairs"}
     )
     num_labels: int | None = field(
-        default=None, metadata={"help": "expected distribution length (default: from the data)"}
+        default=None,
+        metadata={"min": 2, "help": "expected distribution length (default: from the data)"},
     )
     output_dir: str = "outputs/data-validate"
 
 
 def validate(cfg: ValidateConfig) -> dict:
-    from dprm_ray.data import load_rows
+    from dprm_ray.config import ConfigError
+    from dprm_ray.data import SCHEMAS, load_rows
 
+    if cfg.kind != "auto" and cfg.kind not in SCHEMAS:
+        raise ConfigError(f"kind: must be auto or one of {', '.join(SCHEMAS)}, got '{cfg.kind}'")
     kind = None if cfg.kind == "auto" else cfg.kind
     loaded = load_rows(cfg.path, kind=kind, num_labels=cfg.num_labels)
     print(f"{cfg.path}: ok, {len(loaded.rows)} rows of {loaded.kind}")
@@ -35,19 +39,27 @@ class PersonaCrowdConfig:
     persona_dir: str = field(
         default="../shared/data/persona", metadata={"help": "folder of persona statement .jsonl"}
     )
-    out: str = field(default=MISSING, metadata={"help": "annotations parquet to write"})
-    users: int = field(default=20, metadata={"help": "simulated users voting on every item"})
-    seed: int = 0
+    out: str = field(
+        default=MISSING, metadata={"help": "annotations parquet to write", "output": "file"}
+    )
+    users: int = field(
+        default=20, metadata={"min": 1, "help": "simulated users voting on every item"}
+    )
+    seed: int = field(default=0, metadata={"min": 0})
     behaviours: list[str] = field(
         default_factory=list, metadata={"help": "behaviour file stems (empty: all)"}
     )
     max_per_behaviour: int | None = field(
-        default=None, metadata={"help": "statements per behaviour (None: all)"}
+        default=None, metadata={"min": 1, "help": "statements per behaviour (None: all)"}
     )
     kappa: float = field(
-        default=0.0, metadata={"help": "uniform-prior strength (0: posterior = crowd histogram)"}
+        default=0.0,
+        metadata={"min": 0, "help": "uniform-prior strength (0: posterior = crowd histogram)"},
     )
-    eps: float = field(default=0.05, metadata={"help": "label smoothing of unanimous targets"})
+    eps: float = field(
+        default=0.05,
+        metadata={"min": 0, "below": 1, "help": "label smoothing of unanimous targets"},
+    )
     output_dir: str = "outputs/data-persona-crowd"
 
 
@@ -102,32 +114,50 @@ class PersonaUsersConfig:
     )
     out_dir: str = field(
         default=MISSING,
-        metadata={"help": "writes train / test_seen / unseen_adapt / unseen_test .parquet here"},
+        metadata={
+            "help": "writes train / test_seen / unseen_adapt / unseen_test .parquet here",
+            "output": "folder",
+        },
     )
-    seed: int = 0
+    seed: int = field(default=0, metadata={"min": 0})
     behaviours: list[str] = field(
         default_factory=list, metadata={"help": "behaviour file stems (empty: all)"}
     )
     max_per_behaviour: int | None = field(
-        default=None, metadata={"help": "statements per behaviour (None: all)"}
+        default=None, metadata={"min": 1, "help": "statements per behaviour (None: all)"}
     )
-    seen_users: int = field(default=40, metadata={"help": "users in train.parquet"})
-    unseen_users: int = field(default=20, metadata={"help": "users held out for adaptation"})
-    train_per_user: int = field(default=100, metadata={"help": "comparisons per seen user"})
+    seen_users: int = field(default=40, metadata={"min": 1, "help": "users in train.parquet"})
+    unseen_users: int = field(
+        default=20, metadata={"min": 0, "help": "users held out for adaptation"}
+    )
+    train_per_user: int = field(
+        default=100, metadata={"min": 0, "help": "comparisons per seen user"}
+    )
     test_per_user: int = field(
-        default=50, metadata={"help": "test comparisons per user (seen and unseen)"}
+        default=50, metadata={"min": 0, "help": "test comparisons per user (seen and unseen)"}
     )
     adapt_per_user: int = field(
-        default=100, metadata={"help": "adaptation comparisons per unseen user"}
+        default=100, metadata={"min": 0, "help": "adaptation comparisons per unseen user"}
     )
     test_fraction: float = field(
-        default=0.25, metadata={"help": "share of each behaviour's statements kept for testing"}
+        default=0.25,
+        metadata={
+            "above": 0,
+            "below": 1,
+            "help": "share of each behaviour's statements kept for testing",
+        },
     )
     num_types: int = field(
-        default=4, metadata={"help": "latent user types shared across behaviours (0: none)"}
+        default=4,
+        metadata={"min": 0, "help": "latent user types shared across behaviours (0: none)"},
     )
     type_fidelity: float = field(
-        default=0.9, metadata={"help": "chance a user takes its type's stance on a behaviour"}
+        default=0.9,
+        metadata={
+            "min": 0,
+            "max": 1,
+            "help": "chance a user takes its type's stance on a behaviour",
+        },
     )
     output_dir: str = "outputs/data-persona-users"
 
@@ -136,7 +166,7 @@ def persona_users(cfg: PersonaUsersConfig) -> dict:
     import json
     from pathlib import Path
 
-    from dprm_ray.data import write_rows, write_text
+    from dprm_ray.data import DataError, write_rows, write_text
     from dprm_ray.persona_users import SPLITS, build_persona_users, describe_users
 
     try:
@@ -154,6 +184,8 @@ def persona_users(cfg: PersonaUsersConfig) -> dict:
             num_types=cfg.num_types,
             type_fidelity=cfg.type_fidelity,
         )
+    except DataError:
+        raise  # a bad statement file (DataError is a ValueError too): exit 1, not a config error
     except ValueError as exc:  # bad counts or fractions: a config problem
         print(f"dprm-ray data persona-users: config error: {exc}", file=sys.stderr)
         raise SystemExit(2) from None

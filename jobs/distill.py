@@ -28,18 +28,20 @@ from jobs.runner import Command, Job, run_job
 @dataclass
 class PrecomputeConfig:
     data: str = field(default=MISSING, metadata={"help": "pairs (.parquet, .jsonl, hh-rlhf)"})
-    out: str = field(default=MISSING, metadata={"help": "scored pairs parquet to write"})
+    out: str = field(
+        default=MISSING, metadata={"help": "scored pairs parquet to write", "output": "file"}
+    )
     reward_models: list[str] = field(
         default_factory=list, metadata={"help": "reward model folders (the ensemble)"}
     )
     reference: str = field(default="tiny", metadata={"help": "reference policy spec"})
-    max_length: int = 512
+    max_length: int = field(default=512, metadata={"min": 1})
     sample: bool = field(default=True, metadata={"help": "draw one reference sample per pair"})
-    max_new_tokens: int = 32
-    temperature: float = 1.0
-    seed: int = 0
-    batch_size: int = 16
-    actors: int = field(default=2, metadata={"help": "max actors per scoring stage"})
+    max_new_tokens: int = field(default=32, metadata={"min": 1})
+    temperature: float = field(default=1.0, metadata={"above": 0})
+    seed: int = field(default=0, metadata={"min": 0})
+    batch_size: int = field(default=16, metadata={"min": 1})
+    actors: int = field(default=2, metadata={"min": 1, "help": "max actors per scoring stage"})
     skip_invalid_rows: bool = False
     address: str = field(default="", metadata={"help": "Ray address ('' = local or job's)"})
     output_dir: str = "outputs/distill-precompute"
@@ -99,9 +101,11 @@ def precompute(cfg: PrecomputeConfig) -> dict:
 
 
 def train(cfg: DistillConfig) -> dict:
-    from dprm_ray.distill import distill_worker
+    from dprm_ray.distill import distill_worker, training_pairs
     from jobs.ray_train import absolute_config, fit
 
+    # Data and config mistakes stop the job here, once, before Ray Train starts any worker.
+    training_pairs(cfg)
     plain = absolute_config(cfg, ("data", "eval_data"))
     metrics = fit(DistillConfig, distill_worker, plain, "distill")
     print(json.dumps({k: v for k, v in metrics.items() if k != "history"}, indent=2))

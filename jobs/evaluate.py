@@ -25,8 +25,8 @@ class EvaluateRewardConfig:
     user: str = field(
         default="mixture", metadata={"help": "PAL models: a user id, or mixture (population)"}
     )
-    max_length: int = 256
-    batch_size: int = 32
+    max_length: int = field(default=256, metadata={"min": 1})
+    batch_size: int = field(default=32, metadata={"min": 1})
     skip_invalid_rows: bool = field(
         default=False, metadata={"help": "leave out bad rows (reported) instead of failing"}
     )
@@ -93,9 +93,11 @@ class EvaluateCrowdConfig:
     split: str = field(
         default="all", metadata={"help": "all | train | test (test: the held-out part)"}
     )
-    seed: int = field(default=0, metadata={"help": "shuffle of the train/test split"})
-    train_fraction: float = 0.5
-    max_pairs: int = field(default=0, metadata={"help": "the first N pairs of the split (0 = all)"})
+    seed: int = field(default=0, metadata={"min": 0, "help": "shuffle of the train/test split"})
+    train_fraction: float = field(default=0.5, metadata={"above": 0, "below": 1})
+    max_pairs: int = field(
+        default=0, metadata={"min": 0, "help": "the first N pairs of the split (0 = all)"}
+    )
     skip_invalid_rows: bool = field(
         default=True, metadata={"help": "leave out bad rows (reported) before splitting"}
     )

@@ -25,7 +25,7 @@ class ListConfig:
 class GenerateConfig:
     model: str = field(default="smollm2", metadata={"help": "a model spec the loader takes"})
     prompt: str = "Give me one tip for writing clear code."
-    max_new_tokens: int = 48
+    max_new_tokens: int = field(default=48, metadata={"min": 1})
     output_dir: str = "outputs/models"
 
 

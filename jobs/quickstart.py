@@ -82,20 +82,30 @@ class QuickstartConfig:
     )
     encoder: str = field(default="", metadata={"help": "frozen reward-model backbone"})
     engine: str = field(default="", metadata={"help": "rollout engine: vllm | transformers"})
-    train_prompts: int = field(default=0, metadata={"help": "built-in train prompts answered"})
-    responses_per_prompt: int = field(default=0, metadata={"help": "answers per train prompt"})
-    max_new_tokens: int = 0
-    personas_per_item: int = field(default=0, metadata={"help": "crowd votes per answer"})
-    reward_epochs: int = 0
-    ppo_steps: int = 0
-    prompts_per_step: int = 0
-    eval_prompts: int = field(default=0, metadata={"help": "built-in held-out prompts answered"})
-    eval_seeds: int = field(default=0, metadata={"help": "sampling seeds per held-out prompt"})
+    train_prompts: int = field(
+        default=0, metadata={"min": 0, "help": "built-in train prompts answered"}
+    )
+    responses_per_prompt: int = field(
+        default=0, metadata={"min": 0, "help": "answers per train prompt"}
+    )
+    max_new_tokens: int = field(default=0, metadata={"min": 0})
+    personas_per_item: int = field(default=0, metadata={"min": 0, "help": "crowd votes per answer"})
+    reward_epochs: int = field(default=0, metadata={"min": 0})
+    ppo_steps: int = field(default=0, metadata={"min": 0})
+    prompts_per_step: int = field(default=0, metadata={"min": 0})
+    eval_prompts: int = field(
+        default=0, metadata={"min": 0, "help": "built-in held-out prompts answered"}
+    )
+    eval_seeds: int = field(
+        default=0, metadata={"min": 0, "help": "sampling seeds per held-out prompt"}
+    )
     reward_models: list[str] = field(
         default_factory=lambda: ["ot", "bt"],
         metadata={"help": "reward models trained, each with its own PPO run: ot, ce, w1, bt"},
     )
-    seed: int = field(default=0, metadata={"help": "training seed of the reward models and PPO"})
+    seed: int = field(
+        default=0, metadata={"min": 0, "help": "training seed of the reward models and PPO"}
+    )
     annotate_args: list[str] = field(
         default_factory=list, metadata={"help": "extra key=value args of `dprm-ray annotate`"}
     )
@@ -900,17 +910,25 @@ class GenerateConfig:
         default_factory=list, metadata={"help": "the `policy` column per model ([] = the specs)"}
     )
     prompts: str = field(default=MISSING, metadata={"help": ".jsonl/.parquet with `prompt`"})
-    output: str = field(default=MISSING, metadata={"help": "rollouts parquet to write"})
+    output: str = field(
+        default=MISSING, metadata={"help": "rollouts parquet to write", "output": "file"}
+    )
     seeds: list[int] = field(default_factory=lambda: [0], metadata={"help": "one answer each"})
     engine: str = field(default="vllm", metadata={"help": "vllm | transformers"})
-    cpus_per_worker: float = 1.0
-    models_at_once: int = field(default=1, metadata={"help": "rollout workers started together"})
-    max_new_tokens: int = 48
-    max_prompt_tokens: int = 256
-    temperature: float = 1.0
-    top_p: float = 1.0
-    chunk_size: int = field(default=16, metadata={"help": "prompts per rollout-worker call"})
-    start_timeout_s: float = field(default=600.0, metadata={"help": "fail if workers wait longer"})
+    cpus_per_worker: float = field(default=1.0, metadata={"min": 0})
+    models_at_once: int = field(
+        default=1, metadata={"min": 1, "help": "rollout workers started together"}
+    )
+    max_new_tokens: int = field(default=48, metadata={"min": 1})
+    max_prompt_tokens: int = field(default=256, metadata={"min": 1})
+    temperature: float = field(default=1.0, metadata={"above": 0})
+    top_p: float = field(default=1.0, metadata={"above": 0, "max": 1})
+    chunk_size: int = field(
+        default=16, metadata={"min": 1, "help": "prompts per rollout-worker call"}
+    )
+    start_timeout_s: float = field(
+        default=600.0, metadata={"above": 0, "help": "fail if workers wait longer"}
+    )
     address: str = field(default="", metadata={"help": "Ray address ('' = local or RAY_ADDRESS)"})
     output_dir: str = "outputs/generate"
 

@@ -2,22 +2,52 @@
 
 A job is a list of commands (its main action and sub-actions such as `data validate`), each with a
 config dataclass and a `run(cfg) -> metrics` function. Exit codes: 0 done, 1 failed on bad input
-(the message names the file/row or model), 2 bad config or arguments, 3 not built yet.
+(the message names the file/row or model), 2 bad config or arguments, 3 not built yet,
+130 stopped by Ctrl-C (SIGINT), 143 stopped by SIGTERM. None of them prints a traceback.
 """
 
 from __future__ import annotations
 
 import json
+import os
+import signal
 import sys
+import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from dprm_ray.config import ConfigError, describe_config, load_config, normalise_overrides, to_yaml
+from dprm_ray.config import (
+    ConfigError,
+    check_output_paths,
+    describe_config,
+    load_config,
+    normalise_overrides,
+    to_yaml,
+)
 
 EXIT_OK, EXIT_FAILED, EXIT_CONFIG, EXIT_NOT_BUILT = 0, 1, 2, 3
+EXIT_SIGINT, EXIT_SIGTERM = 128 + signal.SIGINT, 128 + signal.SIGTERM  # 130, 143: shell convention
+
+
+class Terminated(BaseException):
+    """SIGTERM arrived; raised in the main thread like KeyboardInterrupt is for SIGINT."""
+
+
+def _raise_terminated(signum: int, frame: Any) -> None:
+    raise Terminated()
+
+
+def _stop_ray() -> bool:
+    """Shut down the Ray this process started or joined (its actors and local cluster), if any;
+    whether there was one."""
+    ray = sys.modules.get("ray")
+    if ray is None or not ray.is_initialized():
+        return False
+    ray.shutdown()
+    return True
 
 
 @dataclass(frozen=True)
@@ -138,14 +168,23 @@ def run_job(job: Job, argv: Sequence[str] | None = None) -> int:
         print(to_yaml(cfg), end="")
         return EXIT_OK
 
+    try:
+        check_output_paths(cfg, command.schema)
+    except ConfigError as exc:
+        print(f"{prog}: config error: {exc}", file=sys.stderr)
+        return EXIT_CONFIG
+
     # Imported here so that config errors come back before torch/pyarrow start up.
     from dprm_ray.data import DataError, write_text
     from dprm_ray.models import ModelError
 
     output_dir = Path(cfg.output_dir)
-    write_text(output_dir / "config.yaml", to_yaml(cfg))
     start = time.perf_counter()
+    # Ray's own driver handler (set by ray.init) exits with SystemExit(15) instead; both end here.
+    in_main_thread = threading.current_thread() is threading.main_thread()
+    previous_sigterm = signal.signal(signal.SIGTERM, _raise_terminated) if in_main_thread else None
     try:
+        write_text(output_dir / "config.yaml", to_yaml(cfg))
         metrics = command.run(cfg) or {}
     except ConfigError as exc:  # found only once the job looks at files or models
         print(f"{prog}: config error: {exc}", file=sys.stderr)
@@ -153,6 +192,30 @@ def run_job(job: Job, argv: Sequence[str] | None = None) -> int:
     except (DataError, ModelError, FileNotFoundError) as exc:
         print(f"{prog}: {exc}", file=sys.stderr)
         return EXIT_FAILED
+    except OSError as exc:  # the system refused a read or write: permissions, a full disk
+        print(f"{prog}: {exc}", file=sys.stderr)
+        return EXIT_FAILED
+    except (KeyboardInterrupt, Terminated, SystemExit) as exc:
+        if isinstance(exc, SystemExit) and exc.code != signal.SIGTERM:
+            raise
+        code = EXIT_SIGINT if isinstance(exc, KeyboardInterrupt) else EXIT_SIGTERM
+        name = "Ctrl-C" if code == EXIT_SIGINT else "SIGTERM"
+        print(
+            f"\n{prog}: stopped by {name}; finished work is kept "
+            "(rerun the same command to resume where the job supports it)",
+            file=sys.stderr,
+        )
+        ray_was_running = _stop_ray()
+        if code == EXIT_SIGTERM and ray_was_running:
+            # After a SIGTERM that Ray's own C++ handler also saw, the interpreter's exit aborts
+            # (SIGABRT, 134) in Ray's teardown; the work is saved and Ray is down, so leave now.
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os._exit(code)
+        return code
+    finally:
+        if in_main_thread:
+            signal.signal(signal.SIGTERM, previous_sigterm)
     metrics = {**metrics, "wall_time_s": round(time.perf_counter() - start, 3)}
     write_text(output_dir / "metrics.json", json.dumps(metrics, indent=2, sort_keys=True) + "\n")
     print(f"{prog}: done in {metrics['wall_time_s']:.1f} s; wrote {output_dir}/metrics.json")

@@ -28,10 +28,11 @@ APP_NAME = "dprm-ray-reward"
 @dataclass
 class AutoscalingConfig:
     enabled: bool = field(default=False, metadata={"help": "autoscale instead of num_replicas"})
-    min_replicas: int = 1
-    max_replicas: int = 2
+    min_replicas: int = field(default=1, metadata={"min": 0})
+    max_replicas: int = field(default=2, metadata={"min": 1})
     target_ongoing_requests: float = field(
-        default=8.0, metadata={"help": "ongoing requests per replica the autoscaler aims for"}
+        default=8.0,
+        metadata={"above": 0, "help": "ongoing requests per replica the autoscaler aims for"},
     )
 
 
@@ -39,28 +40,29 @@ class AutoscalingConfig:
 class ServeConfig:
     model: str = field(default=MISSING, metadata={"help": "reward-model folder (train-reward)"})
     host: str = field(default="127.0.0.1", metadata={"help": "address the HTTP proxy binds"})
-    port: int = 8000
+    port: int = field(default=8000, metadata={"min": 0, "max": 65535})
     route: str = field(default="/", metadata={"help": "route prefix of /score and /healthz"})
-    num_replicas: int = 1
+    num_replicas: int = field(default=1, metadata={"min": 1})
     autoscaling: AutoscalingConfig = field(default_factory=AutoscalingConfig)
     max_ongoing_requests: int = field(
-        default=64, metadata={"help": "requests a replica holds at once (queued beyond)"}
+        default=64, metadata={"min": 1, "help": "requests a replica holds at once (queued beyond)"}
     )
     max_batch_size: int = field(
-        default=64, metadata={"help": "items per forward pass (>= max_items_per_request)"}
+        default=64, metadata={"min": 1, "help": "items per forward pass (>= max_items_per_request)"}
     )
     batch_wait_timeout_s: float = field(
-        default=0.005, metadata={"help": "how long a batch waits to fill up"}
+        default=0.005, metadata={"min": 0, "help": "how long a batch waits to fill up"}
     )
-    max_items_per_request: int = field(default=64, metadata={"help": "more: 413"})
-    max_body_bytes: int = field(default=1 << 20, metadata={"help": "larger bodies: 413"})
-    max_length: int = field(default=512, metadata={"help": "tokens per item (truncated)"})
+    max_items_per_request: int = field(default=64, metadata={"min": 1, "help": "more: 413"})
+    max_body_bytes: int = field(default=1 << 20, metadata={"min": 1, "help": "larger bodies: 413"})
+    max_length: int = field(default=512, metadata={"min": 1, "help": "tokens per item (truncated)"})
     token_env: str = field(
         default="", metadata={"help": "env var holding the bearer token ('' = no auth)"}
     )
-    cpus_per_replica: float = 1.0
+    cpus_per_replica: float = field(default=1.0, metadata={"min": 0})
     duration_s: float = field(
-        default=0.0, metadata={"help": "stop after this many seconds (0 = until Ctrl-C/SIGTERM)"}
+        default=0.0,
+        metadata={"min": 0, "help": "stop after this many seconds (0 = until Ctrl-C/SIGTERM)"},
     )
     address: str = field(default="", metadata={"help": "Ray address ('' = local or the job's)"})
     output_dir: str = "outputs/serve"

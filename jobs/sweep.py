@@ -45,20 +45,28 @@ class AshaConfig:
         default="training_iteration",
         metadata={"help": "time unit of the rungs: training_iteration (evaluations) or steps"},
     )
-    max_t: int = field(default=100, metadata={"help": "trials stop after this many time units"})
-    grace_period: int = field(default=1, metadata={"help": "time units before a trial can stop"})
-    reduction_factor: float = 2.0
+    max_t: int = field(
+        default=100, metadata={"min": 1, "help": "trials stop after this many time units"}
+    )
+    grace_period: int = field(
+        default=1, metadata={"min": 1, "help": "time units before a trial can stop"}
+    )
+    reduction_factor: float = field(default=2.0, metadata={"above": 1})
 
 
 @dataclass
 class TrialResources:
     workers: int = field(
         default=1,
-        metadata={"help": ">1: the trial runs Ray Train with this many DeepSpeed workers"},
+        metadata={
+            "min": 1,
+            "help": ">1: the trial runs Ray Train with this many DeepSpeed workers",
+        },
     )
-    cpus: float = field(default=1.0, metadata={"help": "per worker"})
+    cpus: float = field(default=1.0, metadata={"min": 0, "help": "per worker"})
     gpus: float = field(
-        default=0.0, metadata={"help": "per worker (fractions share a GPU; 1-worker trials only)"}
+        default=0.0,
+        metadata={"min": 0, "help": "per worker (fractions share a GPU; 1-worker trials only)"},
     )
 
 
@@ -75,16 +83,17 @@ class SweepConfig:
         },
     )
     num_samples: int = field(
-        default=1, metadata={"help": "samples of the space (a grid is repeated this often)"}
+        default=1,
+        metadata={"min": 1, "help": "samples of the space (a grid is repeated this often)"},
     )
     metric: str = field(default="w1", metadata={"help": "held-out metric ASHA and the best use"})
     mode: str = field(default="min", metadata={"help": "min or max"})
     asha: AshaConfig = field(default_factory=AshaConfig)
     resources: TrialResources = field(default_factory=TrialResources)
     max_concurrent_trials: int = field(
-        default=0, metadata={"help": "0: as many as the cluster's resources fit"}
+        default=0, metadata={"min": 0, "help": "0: as many as the cluster's resources fit"}
     )
-    seed: int = field(default=0, metadata={"help": "seed of the random search"})
+    seed: int = field(default=0, metadata={"min": 0, "help": "seed of the random search"})
     address: str = field(default="", metadata={"help": "Ray address ('' = local or job's)"})
     resume: bool = field(
         default=True, metadata={"help": "continue the sweep already in output_dir, if any"}
@@ -448,6 +457,8 @@ def run(cfg: SweepConfig) -> dict:
 
     from dprm_ray.config import load_config, to_yaml
     from dprm_ray.data import atomic_path, write_text
+    from dprm_ray.labels import get_label_space
+    from dprm_ray.reward_training import load_reward_data
     from jobs.ray_train import absolute_config
 
     space = search_space(cfg)
@@ -455,9 +466,13 @@ def run(cfg: SweepConfig) -> dict:
     sweep_dir = Path(cfg.output_dir).resolve()
     exp_dir = sweep_dir / "tune"
     base = absolute_config(cfg.train, ("data", "eval_data"))
+    # Bad data stops the sweep here, once, instead of failing every trial.
+    label_space = get_label_space(cfg.train.label_space)
     for key in ("data", "eval_data"):
-        if base[key] and not Path(base[key]).is_file():
-            raise FileNotFoundError(f"train.{key}: no such file: {base[key]}")
+        if cfg.train[key]:
+            load_reward_data(
+                cfg.train[key], label_space, cfg.train.targets, cfg.train.skip_invalid_rows
+            )
     spec = _sweep_spec(cfg, base)
     spec_file = sweep_dir / "sweep_spec.json"
 

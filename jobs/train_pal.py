@@ -28,24 +28,27 @@ class TrainPALConfig:
         default="", metadata={"help": "held-out pairs of the same users ('' = none)"}
     )
     variant: str = field(default="pal-b", metadata={"help": "pal-a or pal-b"})
-    num_prototypes: int = field(default=5, metadata={"help": "K shared prototypes"})
+    num_prototypes: int = field(default=5, metadata={"min": 1, "help": "K shared prototypes"})
     backbone: str = field(
         default="minilm", metadata={"help": "frozen encoder that embeds the texts (a model spec)"}
     )
-    max_length: int = 256
-    hidden_size: int = field(default=256, metadata={"help": "hidden units of the MLPs f, g_k"})
-    pref_dim: int = field(default=128, metadata={"help": "size of the preference space"})
+    max_length: int = field(default=256, metadata={"min": 1})
+    hidden_size: int = field(
+        default=256, metadata={"min": 1, "help": "hidden units of the MLPs f, g_k"}
+    )
+    pref_dim: int = field(default=128, metadata={"min": 1, "help": "size of the preference space"})
     loss: str = field(
         default="logistic", metadata={"help": "PAL-A: logistic or hinge (PAL-B: logistic)"}
     )
-    hinge_margin: float = 1.0
-    lr: float = 3e-3
-    weight_decay: float = 0.0
-    epochs: int = 40
-    batch_size: int = 128
-    seed: int = 0
+    hinge_margin: float = field(default=1.0, metadata={"min": 0})
+    lr: float = field(default=3e-3, metadata={"above": 0})
+    weight_decay: float = field(default=0.0, metadata={"min": 0})
+    epochs: int = field(default=40, metadata={"min": 1})
+    batch_size: int = field(default=128, metadata={"min": 1})
+    seed: int = field(default=0, metadata={"min": 0})
     threads: int = field(
-        default=1, metadata={"help": "torch CPU threads (small MLPs: 1 is usually fastest)"}
+        default=1,
+        metadata={"min": 1, "help": "torch CPU threads (small MLPs: 1 is usually fastest)"},
     )
     skip_invalid_rows: bool = False
     output_dir: str = "outputs/train-pal"
@@ -58,14 +61,16 @@ class AdaptPALConfig:
     user: str = field(
         default="", metadata={"help": "user_id to take from data/test_data ('' = all rows)"}
     )
-    budget: int = field(default=20, metadata={"help": "adapt on the first N comparisons"})
+    budget: int = field(default=20, metadata={"min": 1, "help": "adapt on the first N comparisons"})
     test_data: str = field(default="", metadata={"help": "the user's held-out pairs ('' = none)"})
-    steps: int = field(default=200, metadata={"help": "full-batch Adam steps on the K logits"})
-    lr: float = 0.1
+    steps: int = field(
+        default=200, metadata={"min": 1, "help": "full-batch Adam steps on the K logits"}
+    )
+    lr: float = field(default=0.1, metadata={"above": 0})
     new_user_id: str = field(
         default="", metadata={"help": "id of the adapted user in the saved model ('' = user)"}
     )
-    threads: int = 1
+    threads: int = field(default=1, metadata={"min": 1})
     output_dir: str = "outputs/train-pal-adapt"
 
 

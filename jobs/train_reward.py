@@ -17,9 +17,12 @@ from jobs.runner import Command, Job, run_job
 
 
 def run(cfg: TrainRewardConfig) -> dict:
-    from dprm_ray.reward_training import train_worker
+    from dprm_ray.reward_training import check_batches, train_worker, training_data
     from jobs.ray_train import absolute_config, fit
 
+    # Data and config mistakes stop the job here, once, before Ray Train starts any worker.
+    _, train, _ = training_data(cfg)
+    check_batches(cfg, train)
     plain = absolute_config(cfg, ("data", "eval_data"))
     metrics = fit(TrainRewardConfig, train_worker, plain, "train-reward")
     print(json.dumps(metrics, indent=2, sort_keys=True))

@@ -7,6 +7,7 @@ import pytest
 import torch
 from conftest import run_cli
 
+from dprm_ray.config import ConfigError
 from dprm_ray.data import DataError, load_rows, write_rows
 from dprm_ray.distill import DistillLossConfig, load_distill_data
 from dprm_ray.models import load_model
@@ -32,7 +33,7 @@ def test_losses_name_the_columns_they_need(tmp_path):
     path = write_pairs(tmp_path / "p.parquet")
     with pytest.raises(DataError, match=r"p.parquet:1: missing column 'ref_chosen_logp'"):
         load_distill_data(str(path), DistillLossConfig(kind="dpo"))
-    with pytest.raises(ValueError, match="loss.kind must be one of"):
+    with pytest.raises(ConfigError, match="loss.kind: must be one of"):
         load_distill_data(str(path), DistillLossConfig(kind="kto"))
 
 

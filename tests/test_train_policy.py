@@ -15,6 +15,7 @@ import torch
 from conftest import REPO, run_cli
 from safetensors.torch import load_file
 
+from dprm_ray.data import DataError
 from dprm_ray.labels import likert5
 from dprm_ray.models import load_model
 from dprm_ray.policy_training import (
@@ -139,7 +140,7 @@ def test_category_shares_and_prompt_files(tmp_path):
     assert {r["kind"] for r in heldout} == {"helpful", "harmful"}
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"prompt": "ok"}\n{"text": "no prompt"}\n')
-    with pytest.raises(ValueError, match=r"bad.jsonl: row 1 has no non-empty `prompt`"):
+    with pytest.raises(DataError, match=r"bad.jsonl:2: missing column 'prompt'"):
         load_prompts(str(bad), "train")
     annotations = tmp_path / "ann.jsonl"
     annotations.write_text('{"prompt": "a"}\n{"prompt": "a"}\n{"prompt": "b"}\n')
@@ -154,7 +155,7 @@ def test_config_errors_name_the_key(tmp_path):
     proc = run_cli("train-policy", *args, "prompts_per_step=3", "learner.num_ranks=2")
     assert proc.returncode == 2 and "multiple of learner.num_ranks" in proc.stderr
     proc = run_cli("train-policy", *args, "actor_threads=-1")
-    assert proc.returncode == 2 and "actor_threads must be >= 0" in proc.stderr
+    assert proc.returncode == 2 and "actor_threads: must be >= 0" in proc.stderr
     proc = run_cli("train-policy", *args, "rollout.temperature=0.7")
     assert proc.returncode == 2 and "must equal ppo.temperature" in proc.stderr
     proc = run_cli("train-policy", *args, f"reward.model={tmp_path}")
