@@ -13,7 +13,9 @@ several responses per prompt instead and give every token of a response the same
 KL-penalised score against the other responses to the same prompt (RLOO, Ahmadian et al. 2024:
 minus the mean of the others; GRPO, Shao et al. 2024: minus the group mean, over the group std),
 with no value head. A group baseline removes what the prompt alone decides (a harm-inviting prompt
-scores low whatever the answer), which a batch-wide baseline leaves in every advantage. Everything here works on tensors alone (no model); the
+scores low whatever the answer), which a batch-wide baseline leaves in every advantage.
+REINFORCE++ (`reinforce_pp`, Hu 2025) is critic-free without groups: each token's advantage is
+its KL-shaped reward-to-go, whitened over the global batch. Everything here works on tensors alone (no model); the
 DeepSpeed learner that drives it lives in `dprm_ray.learner`.
 """
 
@@ -26,7 +28,7 @@ from typing import Any
 import torch
 
 KL_ESTIMATORS = ("k1", "k2", "k3")
-ADVANTAGES = ("gae", "rloo", "grpo")
+ADVANTAGES = ("gae", "rloo", "grpo", "reinforce_pp")
 KL_CONTROLLERS = ("fixed", "adaptive")
 
 # Sums a tensor over the learner's ranks (identity on one process); masked statistics use it so
@@ -65,7 +67,11 @@ class PPOConfig:
     )
     whiten_advantages: bool = True
     advantage: str = field(
-        default="gae", metadata={"help": "gae (value head) | rloo | grpo (groups, no value head)"}
+        default="gae",
+        metadata={
+            "help": "gae (value head) | rloo | grpo (groups of samples) | reinforce_pp (reward-to-go); "
+            "only gae has a value head"
+        },
     )
     samples_per_prompt: int = field(
         default=1,
@@ -101,7 +107,7 @@ class PPOConfig:
             raise ValueError(
                 f"{prefix}.advantage must be one of {', '.join(ADVANTAGES)}, got '{self.advantage}'"
             )
-        if self.advantage != "gae" and self.samples_per_prompt < 2:
+        if self.advantage in ("rloo", "grpo") and self.samples_per_prompt < 2:
             raise ValueError(
                 f"{prefix}.samples_per_prompt must be >= 2 for {prefix}.advantage="
                 f"{self.advantage} (the baseline is the prompt's other responses), "
@@ -443,6 +449,11 @@ def compute_advantages(exp: Experience, cfg: PPOConfig, kl_coef: float, reduce: 
     if cfg.advantage == "gae":
         token_rewards = shape_rewards(exp.rewards, kl, mask, kl_coef)
         advantages, returns = gae(token_rewards, exp.values, mask, cfg.gamma, cfg.lam)
+    elif cfg.advantage == "reinforce_pp":
+        # GAE with no values and lambda 1 is the discounted reward-to-go.
+        token_rewards = shape_rewards(exp.rewards, kl, mask, kl_coef)
+        advantages, _ = gae(token_rewards, torch.zeros_like(exp.values), mask, cfg.gamma, 1.0)
+        returns = torch.zeros_like(advantages)
     else:
         # The KL penalty joins the sequence score before the group baseline (as TRL's RLOO
         # does); every response token then carries its sequence's advantage.

@@ -188,11 +188,16 @@ def sample(model, tok, prompts, step, max_new_tokens=8):
 
 @pytest.mark.parametrize(
     "advantage",
-    ["gae", "rloo", pytest.param("grpo", marks=pytest.mark.slow)],
+    [
+        "gae",
+        "rloo",
+        pytest.param("grpo", marks=pytest.mark.slow),
+        pytest.param("reinforce_pp", marks=pytest.mark.slow),
+    ],
 )
 def test_on_policy_ppo_raises_the_reward_of_its_own_samples(ray_local, advantage):
     """The driver's loop in miniature: export weights, sample, score, train. The reward is the
-    share of lowercase-letter tokens in a response (about 10% of the vocabulary). The critic-free
+    share of lowercase-letter tokens in a response (about 10% of the vocabulary). The group
     estimators sample each of half the prompts twice (same batch size, groups of two)."""
     from transformers import AutoModelForCausalLM
 
@@ -202,8 +207,9 @@ def test_on_policy_ppo_raises_the_reward_of_its_own_samples(ray_local, advantage
     lowercase = {tok.convert_tokens_to_ids(c) for c in "abcdefghijklmnopqrstuvwxyz"}
     cfg, ppo = configs(1, 2)
     prompts = [prompt_ids(tok, i) for i in range(N_PROMPTS)]
-    if advantage != "gae":
-        ppo.advantage, ppo.samples_per_prompt = advantage, 2
+    ppo.advantage = advantage
+    if advantage in ("rloo", "grpo"):
+        ppo.samples_per_prompt = 2
         prompts = [p for p in prompts[: N_PROMPTS // 2] for _ in range(2)]
     group = LearnerGroup(cfg, ppo)
     sampler = AutoModelForCausalLM.from_config(load_model("tiny")[0].config).eval()

@@ -193,6 +193,29 @@ def test_critic_free_advantages_give_every_response_token_its_group_relative_sco
     assert stats["kl"] == pytest.approx((1.0 + 1.5 + 1.0 + 1.5) / 4)
 
 
+def test_reinforce_pp_advantages_are_the_whitened_kl_shaped_reward_to_go():
+    mask = torch.tensor([[0, 1, 1, 1], [0, 0, 1, 1]]).float()
+    logp = torch.full((2, 4), -1.0)
+    exp = Experience(
+        input_ids=torch.zeros(2, 5, dtype=torch.long),
+        attention_mask=torch.ones(2, 5, dtype=torch.long),
+        action_mask=mask,
+        rewards=torch.tensor([1.0, -1.0]),
+        old_logprobs=logp * mask,
+        ref_logprobs=(logp - 0.5) * mask,  # KL 0.5 per response token
+        values=torch.full((2, 4), 7.0),  # ignored: no critic
+    )
+    cfg = PPOConfig(advantage="reinforce_pp", whiten_advantages=False)
+    compute_advantages(exp, cfg, kl_coef=0.2, reduce=lambda x: x)
+    # Per token -0.1 of KL; the sequence reward on the last token; summed to the end.
+    assert torch.allclose(exp.advantages[0], torch.tensor([0.0, 0.7, 0.8, 0.9]))
+    assert torch.allclose(exp.advantages[1], torch.tensor([0.0, 0.0, -1.2, -1.1]))
+    cfg.whiten_advantages = True
+    compute_advantages(exp, cfg, kl_coef=0.2, reduce=lambda x: x)
+    assert masked_mean(exp.advantages, mask) == pytest.approx(0.0, abs=1e-6)
+    PPOConfig(advantage="reinforce_pp", samples_per_prompt=1).validate()  # no groups needed
+
+
 def test_critic_free_estimators_need_groups():
     with pytest.raises(ValueError, match="samples_per_prompt must be >= 2"):
         PPOConfig(advantage="rloo").validate()
