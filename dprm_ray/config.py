@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 import typing
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -117,18 +117,24 @@ def range_text(metadata: Any) -> str:
     return ", ".join(f"{op} {metadata[key]}" for key, op in RANGE_KEYS.items() if key in metadata)
 
 
-def check_ranges(cfg: Any, schema: type, prefix: str = "") -> None:
-    """Raise ConfigError naming the first key whose number is outside its declared range."""
+def _leaf_fields(cfg: Any, schema: type, prefix: str = "") -> Iterator[tuple[str, Any, Any]]:
+    """(dotted key, dataclass field, value) of every field of `cfg` that is not itself a nested
+    config; nested configs are walked."""
     hints = typing.get_type_hints(schema)
     for field in dataclasses.fields(schema):
         key = f"{prefix}{field.name}"
+        value = getattr(cfg, field.name)
         if dataclasses.is_dataclass(hints[field.name]):
-            nested = getattr(cfg, field.name)
-            check_ranges(nested, typing.cast(type, hints[field.name]), prefix=f"{key}.")
-            continue
+            yield from _leaf_fields(value, typing.cast(type, hints[field.name]), f"{key}.")
+        else:
+            yield key, field, value
+
+
+def check_ranges(cfg: Any, schema: type) -> None:
+    """Raise ConfigError naming the first key whose number is outside its declared range."""
+    for key, field, value in _leaf_fields(cfg, schema):
         if not set(RANGE_KEYS) & set(field.metadata):
             continue
-        value = getattr(cfg, field.name)
         if value is None or not isinstance(value, int | float) or isinstance(value, bool):
             continue
         problem = _out_of_range(value, field.metadata)
@@ -136,20 +142,14 @@ def check_ranges(cfg: Any, schema: type, prefix: str = "") -> None:
             raise ConfigError(f"{key}: {problem}, got {value}")
 
 
-def check_output_paths(cfg: Any, schema: type, prefix: str = "") -> None:
+def check_output_paths(cfg: Any, schema: type) -> None:
     """Raise ConfigError naming the first output key (and `output_dir`) that cannot be written:
     a file where a folder is wanted, a folder where a file is, or a file in the way of either."""
-    hints = typing.get_type_hints(schema)
-    for field in dataclasses.fields(schema):
-        key = f"{prefix}{field.name}"
-        if dataclasses.is_dataclass(hints[field.name]):
-            nested = getattr(cfg, field.name)
-            check_output_paths(nested, typing.cast(type, hints[field.name]), prefix=f"{key}.")
-            continue
+    for key, field, value in _leaf_fields(cfg, schema):
         kind = "folder" if field.name == "output_dir" else field.metadata.get("output")
-        if not kind or not getattr(cfg, field.name):
+        if not kind or not value:
             continue
-        path = Path(getattr(cfg, field.name))
+        path = Path(value)
         if kind == "folder" and path.exists() and not path.is_dir():
             raise ConfigError(f"{key}: {path} is a file, expected a folder to write into")
         if kind == "file" and path.is_dir():
