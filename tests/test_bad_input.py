@@ -448,7 +448,9 @@ def test_interrupt_exits_with_its_code_and_one_line(tmp_path, sig, code):
     """A running annotate job (Ray started, judges at work) stopped by Ctrl-C or SIGTERM: one
     line, no traceback, the documented exit code, and the parts it finished are still there (a
     rerun resumes from them: tests/test_annotate_job.py)."""
-    rows = [{"prompt": f"question {i}?", "response": f"answer {i}"} for i in range(400)]
+    # Enough rows that the job is still at work when its first part lands (400 rows finished in
+    # 30 s on a CI machine, before the signal arrived).
+    rows = [{"prompt": f"question {i}?", "response": f"answer {i}"} for i in range(4000)]
     data = _parquet(tmp_path / "in.parquet", rows)
     args = [
         sys.executable,
@@ -472,6 +474,7 @@ def test_interrupt_exits_with_its_code_and_one_line(tmp_path, sig, code):
     while not (parts.is_dir() and any(parts.glob("part-*.parquet"))):
         assert proc.poll() is None and time.time() < deadline, proc.communicate()
         time.sleep(0.2)
+    assert proc.poll() is None, "the job ended before it could be interrupted"
     os.kill(proc.pid, sig)
     out, err = proc.communicate(timeout=120)
     assert proc.returncode == code, err[-3000:]
