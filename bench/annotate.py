@@ -50,7 +50,7 @@ def pool_rate(rows: list[dict], judge_cfg, actors: int, workdir: Path) -> tuple[
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    from jobs.annotate import AnnotateConfig, PoolConfig, annotate
+    from dprm_ray.jobs.annotate import AnnotateConfig, PoolConfig, annotate
 
     inp = workdir / "rows.parquet"
     pq.write_table(pa.Table.from_pylist(rows), inp)

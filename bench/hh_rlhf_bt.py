@@ -66,7 +66,7 @@ def train_bt(args: argparse.Namespace, train_path: Path, test_path: Path, job_di
         "wandb.mode=disabled",
         f"output_dir={job_dir}",
     ]
-    cmd = [sys.executable, "-m", "jobs.train_reward", *overrides]
+    cmd = [sys.executable, "-m", "dprm_ray.jobs.train_reward", *overrides]
     log_path = job_dir.parent / "train_reward.log"
     print(f"$ {' '.join(cmd)}", flush=True)
     print(f"  (log: {log_path})", flush=True)

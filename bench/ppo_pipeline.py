@@ -2,7 +2,7 @@
 
 Runs the same PPO steps (SmolLM2 policy with LoRA, the configs/ppo.yaml set-up, a DPRM on MiniLM)
 twice in one invocation:
-  distributed  `jobs.train_policy.train_policy`: rollout worker, reward shards, DeepSpeed learner
+  distributed  `dprm_ray.jobs.train_policy.train_policy`: rollout worker, reward shards, DeepSpeed learner
                as Ray actors; each actor times its own model work
   one process  the same engines called in a plain loop: vLLM generate of the whole batch, reward
                forward, PPO update, weight export and reload
@@ -62,8 +62,8 @@ def ppo_overrides(args, reward: Path, out: Path) -> list[str]:
 
 def distributed(args, reward: Path, out: Path) -> dict[str, float]:
     from dprm_ray.config import load_config
+    from dprm_ray.jobs.train_policy import train_policy
     from dprm_ray.policy_training import TrainPolicyConfig
-    from jobs.train_policy import train_policy
 
     cfg = load_config(
         TrainPolicyConfig, REPO / "configs" / "ppo.yaml", ppo_overrides(args, reward, out)
@@ -98,7 +98,7 @@ def one_process(args, reward: Path) -> dict[str, float]:
     os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
     from omegaconf import OmegaConf
 
-    from actors.reward import RewardShard
+    from dprm_ray.actors.reward import RewardShard
     from dprm_ray.config import load_config
     from dprm_ray.learner import PPOLearner, configure_deepspeed_env
     from dprm_ray.policy_training import (

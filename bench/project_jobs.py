@@ -14,7 +14,7 @@ def job(*args: str) -> float:
     """Run `dprm-ray ARGS` from the repo root; returns its wall time, exits the bench on failure."""
     start = time.perf_counter()
     proc = subprocess.run(
-        [sys.executable, "-m", "jobs.cli", *args], cwd=REPO, capture_output=True, text=True
+        [sys.executable, "-m", "dprm_ray.jobs.cli", *args], cwd=REPO, capture_output=True, text=True
     )
     if proc.returncode != 0:
         sys.exit(f"job failed: dprm-ray {' '.join(args)}\n{proc.stderr[-4000:]}")

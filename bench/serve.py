@@ -133,8 +133,8 @@ def main() -> None:
     import torch
     from ray import serve
 
+    from dprm_ray.jobs.serve import ServeConfig, deploy
     from dprm_ray.reward_models import load_reward_model
-    from jobs.serve import ServeConfig, deploy
 
     items = hh_items(256)
     with tempfile.TemporaryDirectory() as tmp:

@@ -46,7 +46,7 @@ def run_seed(args: argparse.Namespace, seed: int, out: Path) -> float:
     cmd = [
         sys.executable,
         "-m",
-        "jobs.quickstart",
+        "dprm_ray.jobs.quickstart",
         f"size={args.size}",
         f"seed={seed}",
         f"reward_models=[{','.join(args.reward_models)}]",
@@ -63,8 +63,8 @@ def run_seed(args: argparse.Namespace, seed: int, out: Path) -> float:
 
 def summarise(args: argparse.Namespace, seconds: dict[int, float]) -> dict:
     sys.path.insert(0, str(REPO))
+    from dprm_ray.jobs.quickstart import METHODS, eval_gold, eval_shares
     from dprm_ray.labels import hh6
-    from jobs.quickstart import METHODS, eval_gold, eval_shares
 
     per_seed = {s: eval_gold(args.out / f"seed-{s}") for s in args.seeds}
     judged = {s: eval_shares(args.out / f"seed-{s}")["stats"] for s in args.seeds}

@@ -1,6 +1,6 @@
 """The PPO learner of one rank: policy + value head in a DeepSpeed engine, a frozen reference.
 
-`PPOLearner` is what each rank of the `actors.learner.PolicyLearner` group holds. Every rank gets
+`PPOLearner` is what each rank of the `dprm_ray.actors.learner.PolicyLearner` group holds. Every rank gets
 the whole batch of scored rollouts and trains on its own contiguous slice; torch.distributed
 (gloo on CPU) averages gradients and the few statistics that must be global (reward and advantage
 whitening, logged metrics). Old log-probs, values and reference log-probs are recomputed here

@@ -1,4 +1,4 @@
-"""What the PPO driver (`jobs/train_policy.py`) needs that is not orchestration: its config, the
+"""What the PPO driver (`dprm_ray/jobs/train_policy.py`) needs that is not orchestration: its config, the
 prompt schedule, the driver's checkpoint state and the per-category share statistics.
 
 The schedule is a pure function of (seed, step): step s trains on positions

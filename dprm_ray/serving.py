@@ -1,6 +1,6 @@
 """Online reward scoring over HTTP: request validation, auth, and batched scoring.
 
-The Ray Serve deployment (`actors/serve.py`) is a thin shell around these functions.
+The Ray Serve deployment (`dprm_ray/actors/serve.py`) is a thin shell around these functions.
 
 Request (`POST /score`): `{"items": [{"prompt": "...", "response": "..."}, ...]}`.
 Response: `{"model_type": ..., "labels": [...] or null, "scores": [{"distribution": [...] or

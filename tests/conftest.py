@@ -24,9 +24,9 @@ PERSONA_DIR = SHARED_DATA / "persona"
 def run_cli(
     *args: str, cwd: Path | None = None, timeout: float = 600
 ) -> subprocess.CompletedProcess:
-    """Run `python -m jobs.cli ARGS` as a user would, capturing output."""
+    """Run `python -m dprm_ray.jobs.cli ARGS` as a user would, capturing output."""
     return subprocess.run(
-        [sys.executable, "-m", "jobs.cli", *args],
+        [sys.executable, "-m", "dprm_ray.jobs.cli", *args],
         cwd=cwd or REPO,
         capture_output=True,
         text=True,

@@ -94,7 +94,7 @@ def test_resume_after_kill_gives_exactly_one_row_per_input_row(tmp_path):
     args = annotate_args(tmp_path, inp, "pool.batch_size=2", "pool.max_actors=1")
     args = [a if a != "judge.personas_per_item=3" else "judge.personas_per_item=0" for a in args]
     proc = subprocess.Popen(
-        [sys.executable, "-m", "jobs.cli", *args],
+        [sys.executable, "-m", "dprm_ray.jobs.cli", *args],
         cwd=REPO,
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,

@@ -31,7 +31,7 @@ from omegaconf import OmegaConf
 
 from dprm_ray.config import RANGE_KEYS, ConfigError, load_config
 from dprm_ray.data import write_rows
-from jobs.cli import JOB_NAMES, job
+from dprm_ray.jobs.cli import JOB_NAMES, job
 
 HH6 = [1 / 6] * 6
 
@@ -43,7 +43,7 @@ def _ray_started() -> bool:
 
 def run_main(job_name: str, args: list[str], capsys) -> tuple[int, str]:
     """Exit code and stderr+stdout of `dprm-ray JOB ARGS`, run in this process."""
-    module = importlib.import_module("jobs." + job_name.replace("-", "_"))
+    module = importlib.import_module("dprm_ray.jobs." + job_name.replace("-", "_"))
     try:
         code = module.main(args)
     except SystemExit as exc:  # train-pal reports some config errors by exiting 2
@@ -455,7 +455,7 @@ def test_interrupt_exits_with_its_code_and_one_line(tmp_path, sig, code):
     args = [
         sys.executable,
         "-m",
-        "jobs.cli",
+        "dprm_ray.jobs.cli",
         "annotate",
         f"input={data}",
         f"output={tmp_path}/a.parquet",

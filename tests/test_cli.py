@@ -1,7 +1,7 @@
 import pytest
 from conftest import run_cli
 
-from jobs.cli import JOB_NAMES
+from dprm_ray.jobs.cli import JOB_NAMES
 
 BUILT = {
     "models",
@@ -32,7 +32,7 @@ def test_each_job_runs_as_a_module_with_help(name):
 
     from conftest import REPO
 
-    module = "jobs." + name.replace("-", "_")
+    module = "dprm_ray.jobs." + name.replace("-", "_")
     proc = subprocess.run(
         [sys.executable, "-m", module, "--help"], cwd=REPO, capture_output=True, text=True
     )

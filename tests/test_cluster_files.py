@@ -135,8 +135,8 @@ def test_rayjob_runs_the_ppo_job_on_one_gpu_node_with_output_on_the_shared_volum
     assert gpu["min_workers"] == gpu["max_workers"] == 1 and gpu["resources"]["GPU"] >= 1
 
     argv = shlex.split(spec["entrypoint"])
-    assert argv[:3] == ["python", "-m", "jobs.train_policy"]
-    module = REPO / "jobs" / "train_policy.py"
+    assert argv[:3] == ["python", "-m", "dprm_ray.jobs.train_policy"]
+    module = REPO / "dprm_ray" / "jobs" / "train_policy.py"
     assert module.is_file()
     config_file = argv[argv.index("--config") + 1]
     overrides = dict(a.split("=", 1) for a in argv[3:] if "=" in a)
@@ -176,6 +176,7 @@ def test_dockerfile_pins_the_versions_of_pyproject():
     # The project itself, with the gpu extra, from the copied sources of every package.
     assert 'pip install --no-cache-dir ".[gpu]"' in text
     packages = tomllib.loads((REPO / "pyproject.toml").read_text())["tool"]["setuptools"]
+    packages = {"packages": {p.rstrip("*") for p in packages["packages"]["find"]["include"]}}
     copied = set(re.findall(r"^COPY \S+ (.+) \S+$", text, re.M))
     copied = {p for line in copied for p in line.split()}
     assert set(packages["packages"]) | {"configs", "pyproject.toml", "README.md"} <= copied

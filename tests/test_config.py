@@ -81,7 +81,7 @@ def test_cli_missing_required_exits_2():
 
 def test_shipped_config_files_load_against_their_job():
     """Every configs/*.yaml names its job on line 1 (`# dprm-ray JOB [SUB]`) and loads cleanly."""
-    from jobs.cli import job
+    from dprm_ray.jobs.cli import job
 
     files = sorted((REPO / "configs").glob("*.yaml"))
     assert files

@@ -5,8 +5,8 @@ import json
 import pyarrow.parquet as pq
 from conftest import HH_RLHF
 
-from jobs.evaluate import JOB
-from jobs.runner import EXIT_CONFIG, EXIT_OK, run_job
+from dprm_ray.jobs.evaluate import JOB
+from dprm_ray.jobs.runner import EXIT_CONFIG, EXIT_OK, run_job
 
 
 def crowd_args(out, *extra):

@@ -191,7 +191,7 @@ def test_ray_job_submit_train_reward(ray_head, tmp_path):
         "--",
         "python",
         "-m",
-        "jobs.train_reward",
+        "dprm_ray.jobs.train_reward",
         "--config",
         str(config),
         f"output_dir={out}",
@@ -230,13 +230,13 @@ def test_ray_job_submit_train_reward(ray_head, tmp_path):
         "--",
         "python",
         "-c",
-        "import jobs, os; print('JOBS_AT', os.path.dirname(os.path.dirname(jobs.__file__)))",
+        "import dprm_ray, os; print('JOBS_AT', os.path.dirname(os.path.dirname(dprm_ray.__file__)))",
         timeout=300,
     )
     assert where.returncode == 0, where.stdout[-2000:] + where.stderr[-2000:]
     uploaded = Path(re.search(r"JOBS_AT (\S+)", where.stdout).group(1))
     assert uploaded.is_relative_to(ray_head["temp_dir"]), uploaded
-    assert (uploaded / "jobs" / "train_reward.py").is_file()
+    assert (uploaded / "dprm_ray" / "jobs" / "train_reward.py").is_file()
     assert not (uploaded / ".git").exists() and not (uploaded / "outputs").exists()
     size = sum(f.stat().st_size for f in uploaded.rglob("*") if f.is_file())
     print(f"uploaded working_dir: {size / 1e6:.2f} MB")

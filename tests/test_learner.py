@@ -96,7 +96,7 @@ def exported_logprobs(weights, tok, rollouts):
 
 
 def run_learner_checks(tmp_path, num_ranks, zero_stage, steps=24, resume_at=20, **lora):
-    from actors.learner import LearnerGroup
+    from dprm_ray.actors.learner import LearnerGroup
 
     _, tok = load_model("tiny")
     cfg, ppo = configs(num_ranks, zero_stage, **lora)
@@ -201,7 +201,7 @@ def test_on_policy_ppo_raises_the_reward_of_its_own_samples(ray_local, advantage
     estimators sample each of half the prompts twice (same batch size, groups of two)."""
     from transformers import AutoModelForCausalLM
 
-    from actors.learner import LearnerGroup
+    from dprm_ray.actors.learner import LearnerGroup
 
     _, tok = load_model("tiny")
     lowercase = {tok.convert_tokens_to_ids(c) for c in "abcdefghijklmnopqrstuvwxyz"}

@@ -91,7 +91,7 @@ def test_persona_users_train_and_adapt(tmp_path, data):
 
 def test_train_pal_rejects_bad_variant_and_unknown_eval_users(tmp_path, data, capsys):
     """In-process (the same `main` the CLI runs), to spare two interpreter start-ups."""
-    from jobs.train_pal import main
+    from dprm_ray.jobs.train_pal import main
 
     common = [f"data={data / 'train.parquet'}", "backbone=tiny-encoder", "epochs=1"]
     with pytest.raises(SystemExit) as exc:

@@ -58,8 +58,8 @@ def test_sampling_is_seeded_by_seed_step_and_prompt():
 def test_restarted_worker_reports_stale_weights_and_sync_times_out(ray_local):
     import ray
 
-    from actors.rollout import rollout_worker_actor
-    from jobs.train_policy import RolloutPool, sync_weights
+    from dprm_ray.actors.rollout import rollout_worker_actor
+    from dprm_ray.jobs.train_policy import RolloutPool, sync_weights
 
     cfg = RolloutConfig(
         engine="transformers", num_workers=1, cpus_per_worker=0.25, max_new_tokens=4
@@ -93,8 +93,8 @@ def test_vllm_generates_with_the_learners_weights_after_a_sync(ray_local, tmp_pa
     object-store sync the engine's log-probs are the trained policy's, not the old ones."""
     import ray
 
-    from actors.learner import LearnerGroup
-    from actors.rollout import rollout_worker_actor
+    from dprm_ray.actors.learner import LearnerGroup
+    from dprm_ray.actors.rollout import rollout_worker_actor
     from dprm_ray.learner import LearnerConfig
     from dprm_ray.ppo import PPOConfig
     from dprm_ray.training import OptimConfig

@@ -68,7 +68,7 @@ def items(n, offset=0):
 def server(ray_local, tmp_path_factory):
     from ray import serve
 
-    from jobs.serve import ServeConfig, deploy
+    from dprm_ray.jobs.serve import ServeConfig, deploy
 
     model_dir = tiny_dprm(tmp_path_factory.mktemp("serve") / "rm")
     cfg = ServeConfig(
@@ -207,7 +207,7 @@ def test_cli_serves_until_interrupted_and_exits_0(tmp_path, stop_signal):
         [
             sys.executable,
             "-m",
-            "jobs.serve",
+            "dprm_ray.jobs.serve",
             "--model",
             str(model_dir),
             f"port={port}",

@@ -17,8 +17,8 @@ from test_job_submit import RAY, free_ports, stop_head
 from test_train_reward import write_annotations
 
 from dprm_ray.config import ConfigError, load_config
+from dprm_ray.jobs.sweep import SweepConfig, search_space
 from dprm_ray.reward_training import TrainRewardConfig
-from jobs.sweep import SweepConfig, search_space
 
 # A tiny causal LM trained end to end: a few seconds per trial. kappa 0 makes the targets
 # unanimous, so that eps changes them.
@@ -153,7 +153,7 @@ def test_killed_sweep_resumes_without_rerunning_finished_trials(tmp_path):
     out = tmp_path / "out"
     args = ["sweep", "--config", str(config), f"output_dir={out}"]
     proc = subprocess.Popen(
-        [sys.executable, "-m", "jobs.cli", *args],
+        [sys.executable, "-m", "dprm_ray.jobs.cli", *args],
         cwd=REPO,
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
@@ -228,7 +228,7 @@ def test_multi_worker_trials_run_ray_train_with_deepspeed(tmp_path, head_without
     config.write_text(config.read_text().replace("zero_stage: 0", "zero_stage: 2"))
     out = tmp_path / "out"
     proc = subprocess.run(
-        [sys.executable, "-m", "jobs.cli", "sweep", "--config", str(config)]
+        [sys.executable, "-m", "dprm_ray.jobs.cli", "sweep", "--config", str(config)]
         + [f"output_dir={out}", f"address={head_without_dashboard['address']}"],
         cwd=REPO,
         env=head_without_dashboard["env"],

@@ -167,8 +167,8 @@ def test_ppo_raises_a_planted_reward(ray_local, tmp_path):
     """20 steps: the tiny policy learns to write lowercase letters; every step trains on the
     scheduled prompts exactly once; metrics.json has the held-out shares before and after."""
     from dprm_ray.config import load_config
+    from dprm_ray.jobs.train_policy import train_policy
     from dprm_ray.policy_training import TrainPolicyConfig
-    from jobs.train_policy import train_policy
 
     cfg = load_config(TrainPolicyConfig, None, ppo_config(tmp_path, steps=20))
     metrics = train_policy(cfg)
@@ -200,8 +200,8 @@ def test_lost_rollout_worker_and_reward_shard_lose_no_prompt(ray_local, tmp_path
     import ray
 
     from dprm_ray.config import load_config
+    from dprm_ray.jobs.train_policy import train_policy
     from dprm_ray.policy_training import TrainPolicyConfig
-    from jobs.train_policy import train_policy
 
     killed = []
 
@@ -247,7 +247,7 @@ def test_killed_driver_resumes_to_the_same_weights(tmp_path):
     killed.mkdir()
     args = ppo_config(killed, steps=4)
     driver = subprocess.Popen(
-        [sys.executable, "-m", "jobs.cli", "train-policy", *args],
+        [sys.executable, "-m", "dprm_ray.jobs.cli", "train-policy", *args],
         cwd=REPO,
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
@@ -305,8 +305,8 @@ def test_ppo_steps_with_vllm_cpu_rollouts(ray_local, tmp_path):
     from test_rollout import tiny_folder
 
     from dprm_ray.config import load_config
+    from dprm_ray.jobs.train_policy import train_policy
     from dprm_ray.policy_training import TrainPolicyConfig
-    from jobs.train_policy import train_policy
 
     model = tiny_folder(tmp_path / "tiny256")
     args = ppo_config(

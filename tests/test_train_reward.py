@@ -124,7 +124,7 @@ def test_kill_and_resume_equals_uninterrupted(tmp_path):
 
     out = tmp_path / "killed"
     proc = subprocess.Popen(
-        [sys.executable, "-m", "jobs.cli", "train-reward", *common, f"output_dir={out}"],
+        [sys.executable, "-m", "dprm_ray.jobs.cli", "train-reward", *common, f"output_dir={out}"],
         cwd=REPO,
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,

@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from dprm_ray.config import MISSING
-from jobs.runner import Command, Job, run_job
+from dprm_ray.jobs.runner import Command, Job, run_job
 
 
 @dataclass

@@ -24,8 +24,8 @@ from pathlib import Path
 from typing import Any
 
 from dprm_ray.config import MISSING, ConfigError
+from dprm_ray.jobs.runner import Command, Job, run_job
 from dprm_ray.judge import JudgeConfig
-from jobs.runner import Command, Job, run_job
 
 
 @dataclass
@@ -170,7 +170,7 @@ def annotate(cfg: AnnotateConfig) -> dict:
     import ray
     from tqdm import tqdm
 
-    from actors.annotator import PersonaAnnotator
+    from dprm_ray.actors.annotator import PersonaAnnotator
     from dprm_ray.data import write_rows
     from dprm_ray.judge import check_judge_config
 

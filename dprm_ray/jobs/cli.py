@@ -6,7 +6,7 @@ import importlib
 import sys
 from collections.abc import Sequence
 
-from jobs.runner import EXIT_CONFIG, Job
+from dprm_ray.jobs.runner import EXIT_CONFIG, Job
 
 # In the order a user meets them.
 JOB_NAMES = (
@@ -25,7 +25,7 @@ JOB_NAMES = (
 
 
 def job(name: str) -> Job:
-    return importlib.import_module("jobs." + name.replace("-", "_")).JOB
+    return importlib.import_module("dprm_ray.jobs." + name.replace("-", "_")).JOB
 
 
 def usage() -> str:
@@ -33,8 +33,8 @@ def usage() -> str:
         "usage: dprm-ray JOB [SUB-COMMAND] [--config FILE] [key=value ...] [--key value ...]",
         "",
         "Ray-distributed RLHF that aligns language models with the distribution of a crowd's",
-        "preferences. Each job also runs as `python -m jobs.<job_name>`, e.g. under",
-        "`ray job submit --working-dir . -- python -m jobs.train_reward --config FILE`.",
+        "preferences. Each job also runs as `python -m dprm_ray.jobs.<job_name>`, e.g. under",
+        "`ray job submit --working-dir . -- python -m dprm_ray.jobs.train_reward --config FILE`.",
         "",
         "jobs:",
     ]
@@ -54,7 +54,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if name not in JOB_NAMES:
         print(f"dprm-ray: unknown job '{name}' (jobs: {', '.join(JOB_NAMES)})", file=sys.stderr)
         return EXIT_CONFIG
-    module = importlib.import_module("jobs." + name.replace("-", "_"))
+    module = importlib.import_module("dprm_ray.jobs." + name.replace("-", "_"))
     return module.main(args[1:])
 
 

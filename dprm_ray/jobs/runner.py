@@ -68,7 +68,7 @@ class Job:
 
     @property
     def module(self) -> str:
-        return "jobs." + self.name.replace("-", "_")
+        return "dprm_ray.jobs." + self.name.replace("-", "_")
 
 
 def _usage(job: Job, command: Command) -> str:

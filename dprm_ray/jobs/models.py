@@ -7,7 +7,7 @@ import time
 from dataclasses import dataclass, field
 
 from dprm_ray.config import MISSING
-from jobs.runner import Command, Job, run_job
+from dprm_ray.jobs.runner import Command, Job, run_job
 
 
 @dataclass

@@ -35,9 +35,9 @@ from pathlib import Path
 from typing import Any
 
 from dprm_ray.config import MISSING, ConfigError
-from jobs.runner import EXIT_FAILED, Command, Job, run_job
+from dprm_ray.jobs.runner import EXIT_FAILED, Command, Job, run_job
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 METHODS = {  # eval key -> name in the report (the paper's Table 2 names), in table order
     "vanilla": "Vanilla",
     "bt": "PPO + BT-RM",
@@ -285,7 +285,7 @@ def _write_prompts(path: Path, rows: list[dict[str, str]]) -> None:
 
 def _command(args: list[str]) -> list[str]:
     print("$ dprm-ray " + " ".join(shlex.quote(a) for a in args), flush=True)
-    return [sys.executable, "-m", "jobs.cli", *args]
+    return [sys.executable, "-m", "dprm_ray.jobs.cli", *args]
 
 
 @dataclass
@@ -939,7 +939,7 @@ def generate(cfg: GenerateConfig) -> dict:
     import ray
     from tqdm import tqdm
 
-    from actors.rollout import rollout_worker_actor
+    from dprm_ray.actors.rollout import rollout_worker_actor
     from dprm_ray.data import write_rows
     from dprm_ray.policy_training import load_prompts
     from dprm_ray.rollout import RolloutConfig

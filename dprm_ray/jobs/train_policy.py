@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import Any
 
 from dprm_ray.config import ConfigError
+from dprm_ray.jobs.runner import Command, Job, run_job
 from dprm_ray.policy_training import (
     STATE_FILE,
     TrainPolicyConfig,
@@ -38,7 +39,6 @@ from dprm_ray.policy_training import (
     rollout_statistics,
     step_positions,
 )
-from jobs.runner import Command, Job, run_job
 
 Event = Callable[..., None]
 
@@ -51,7 +51,7 @@ class RolloutPool:
     """The rollout worker actors and the chunks each has in flight."""
 
     def __init__(self, cfg: Any, model: str, seed: int, runtime_env: dict | None = None):
-        from actors.rollout import rollout_worker_actor
+        from dprm_ray.actors.rollout import rollout_worker_actor
 
         self.cfg = cfg
         actor = rollout_worker_actor(cfg).options(runtime_env=runtime_env)
@@ -287,8 +287,8 @@ def train_policy(cfg: Any, on_event: Event = _no_event) -> dict[str, Any]:
     from omegaconf import OmegaConf
     from tqdm import tqdm
 
-    from actors.learner import LearnerGroup
-    from actors.reward import ShardedReward
+    from dprm_ray.actors.learner import LearnerGroup
+    from dprm_ray.actors.reward import ShardedReward
     from dprm_ray.training import start_wandb, write_metrics
 
     typed: TrainPolicyConfig = OmegaConf.to_object(cfg)

@@ -22,7 +22,7 @@ from pathlib import Path
 
 from dprm_ray.config import MISSING
 from dprm_ray.distill import DistillConfig
-from jobs.runner import Command, Job, run_job
+from dprm_ray.jobs.runner import Command, Job, run_job
 
 
 @dataclass
@@ -50,7 +50,7 @@ class PrecomputeConfig:
 def precompute(cfg: PrecomputeConfig) -> dict:
     import ray
 
-    from actors.scoring import ReferenceScorer, RewardEnsembleScorer
+    from dprm_ray.actors.scoring import ReferenceScorer, RewardEnsembleScorer
     from dprm_ray.data import load_rows, write_rows
 
     loaded = load_rows(cfg.data, kind="pairs", skip_invalid=cfg.skip_invalid_rows)
@@ -102,7 +102,7 @@ def precompute(cfg: PrecomputeConfig) -> dict:
 
 def train(cfg: DistillConfig) -> dict:
     from dprm_ray.distill import distill_worker, training_pairs
-    from jobs.ray_train import absolute_config, fit
+    from dprm_ray.jobs.ray_train import absolute_config, fit
 
     # Data and config mistakes stop the job here, once, before Ray Train starts any worker.
     training_pairs(cfg)

@@ -8,9 +8,9 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from dprm_ray.config import MISSING
+from dprm_ray.jobs.annotate import PoolConfig
+from dprm_ray.jobs.runner import Command, Job, run_job
 from dprm_ray.judge import JudgeConfig
-from jobs.annotate import PoolConfig
-from jobs.runner import Command, Job, run_job
 
 
 @dataclass
@@ -118,8 +118,8 @@ def evaluate_crowd(cfg: EvaluateCrowdConfig) -> dict:
     from dprm_ray.config import ConfigError
     from dprm_ray.crowd_eval import crowd_agreement, distinct_replies, split_rows
     from dprm_ray.data import DataError, load_rows, write_rows
+    from dprm_ray.jobs.annotate import AnnotateConfig, annotate
     from dprm_ray.judge import check_judge_config
-    from jobs.annotate import AnnotateConfig, annotate
 
     space = check_judge_config(cfg.judge)
     if cfg.split not in ("all", "train", "test"):

@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from dprm_ray.config import MISSING, ConfigError
-from jobs.runner import Command, Job, run_job
+from dprm_ray.jobs.runner import Command, Job, run_job
 
 APP_NAME = "dprm-ray-reward"
 
@@ -121,7 +121,7 @@ def deploy(cfg: ServeConfig, token: str | None) -> str:
     """
     from ray import serve
 
-    from actors.serve import RewardScorer
+    from dprm_ray.actors.serve import RewardScorer
     from dprm_ray.serving import token_digest
 
     _check(cfg)

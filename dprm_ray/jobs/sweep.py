@@ -32,8 +32,8 @@ from pathlib import Path
 from typing import Any
 
 from dprm_ray.config import ConfigError
+from dprm_ray.jobs.runner import Command, Job, run_job
 from dprm_ray.reward_training import TrainRewardConfig
-from jobs.runner import Command, Job, run_job
 
 SPACE_KINDS = ("grid", "choice", "uniform", "loguniform")
 
@@ -301,7 +301,7 @@ def _multi_worker_trial(plain: dict, trial_id: str) -> None:
     from ray import tune
     from ray.util.queue import Queue
 
-    from jobs.ray_train import fit
+    from dprm_ray.jobs.ray_train import fit
 
     evaluations = Queue(actor_options={"num_cpus": 0})
     failure: list[BaseException] = []
@@ -457,9 +457,9 @@ def run(cfg: SweepConfig) -> dict:
 
     from dprm_ray.config import load_config, to_yaml
     from dprm_ray.data import atomic_path, write_text
+    from dprm_ray.jobs.ray_train import absolute_config
     from dprm_ray.labels import get_label_space
     from dprm_ray.reward_training import load_reward_data
-    from jobs.ray_train import absolute_config
 
     space = search_space(cfg)
     _check(cfg)

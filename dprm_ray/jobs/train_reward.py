@@ -12,13 +12,13 @@ import json
 import sys
 from pathlib import Path
 
+from dprm_ray.jobs.runner import Command, Job, run_job
 from dprm_ray.reward_training import TrainRewardConfig
-from jobs.runner import Command, Job, run_job
 
 
 def run(cfg: TrainRewardConfig) -> dict:
+    from dprm_ray.jobs.ray_train import absolute_config, fit
     from dprm_ray.reward_training import check_batches, train_worker, training_data
-    from jobs.ray_train import absolute_config, fit
 
     # Data and config mistakes stop the job here, once, before Ray Train starts any worker.
     _, train, _ = training_data(cfg)

@@ -5,7 +5,7 @@ worker's output as it comes, often passed as an ObjectRef straight from the work
 each with `reward` (the expected reward), `variance` and, for a DPRM, `distribution` (K floats).
 
 `ShardedReward` owns the shards, declared with `max_restarts`, and their in-flight counts. The
-streaming driver (`jobs/train_policy.py`) submits each finished rollout chunk's ref to the
+streaming driver (`dprm_ray/jobs/train_policy.py`) submits each finished rollout chunk's ref to the
 least-loaded shard and, when that shard died, again to another one.
 """
 
