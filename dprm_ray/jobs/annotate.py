@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from dprm_ray.config import MISSING, ConfigError
+from dprm_ray.jobs.ray_session import init_ray
 from dprm_ray.jobs.runner import Command, Job, run_job
 from dprm_ray.judge import JudgeConfig
 
@@ -167,7 +168,7 @@ def _clean(row: dict[str, Any]) -> dict[str, Any]:
 
 
 def annotate(cfg: AnnotateConfig) -> dict:
-    import ray
+    import ray.data  # before init_ray, so that Ray Data's console handler is quieted too
     from tqdm import tqdm
 
     from dprm_ray.actors.annotator import PersonaAnnotator
@@ -200,7 +201,7 @@ def annotate(cfg: AnnotateConfig) -> dict:
     if pending:
         from omegaconf import OmegaConf
 
-        ray.init(address=cfg.address or None, ignore_reinit_error=True, log_to_driver=False)
+        init_ray(cfg.address, cfg.output_dir)
         ctx = ray.data.DataContext.get_current()
         ctx.enable_progress_bars = False  # ours below counts rows; Ray's count blocks
         parts.mkdir(parents=True, exist_ok=True)

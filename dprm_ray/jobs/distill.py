@@ -22,6 +22,7 @@ from pathlib import Path
 
 from dprm_ray.config import MISSING
 from dprm_ray.distill import DistillConfig
+from dprm_ray.jobs.ray_session import init_ray
 from dprm_ray.jobs.runner import Command, Job, run_job
 
 
@@ -48,7 +49,7 @@ class PrecomputeConfig:
 
 
 def precompute(cfg: PrecomputeConfig) -> dict:
-    import ray
+    import ray.data  # before init_ray, so that Ray Data's console handler is quieted too
 
     from dprm_ray.actors.scoring import ReferenceScorer, RewardEnsembleScorer
     from dprm_ray.data import load_rows, write_rows
@@ -61,7 +62,7 @@ def precompute(cfg: PrecomputeConfig) -> dict:
         {"row_index": i, **{k: v for k, v in row.items() if k in base}}
         for i, row in enumerate(loaded.rows)
     ]
-    ray.init(address=cfg.address or None, ignore_reinit_error=True)
+    init_ray(cfg.address, cfg.output_dir)
     ds = ray.data.from_items(items)
     common = {
         "batch_size": cfg.batch_size,

@@ -35,6 +35,7 @@ from pathlib import Path
 from typing import Any
 
 from dprm_ray.config import MISSING, ConfigError
+from dprm_ray.jobs.ray_session import init_ray
 from dprm_ray.jobs.runner import EXIT_FAILED, Command, Job, run_job
 
 REPO = Path(__file__).resolve().parents[2]
@@ -805,7 +806,7 @@ def run(cfg: QuickstartConfig) -> dict:
             if not todo:
                 continue
             if todo[0].args and not ray_started:
-                env["RAY_ADDRESS"] = cfg.address or _start_ray()
+                env["RAY_ADDRESS"] = cfg.address or _start_ray(out)
                 # ray.init sets RAY_AUTH_MODE=token; the sub-jobs need it to join.
                 env.update({k: v for k, v in os.environ.items() if k.startswith("RAY_")})
                 ray_started = True
@@ -862,12 +863,11 @@ def run(cfg: QuickstartConfig) -> dict:
     }
 
 
-def _start_ray() -> str:
+def _start_ray(out: Path) -> str:
     """One local Ray cluster for every stage (each sub-job connects to it instead of paying
     for a cluster start of its own)."""
-    import ray
 
-    ctx = ray.init(include_dashboard=False, log_to_driver=False)
+    ctx = init_ray(None, out, include_dashboard=False)
     return ctx.address_info["address"]
 
 
@@ -963,7 +963,7 @@ def generate(cfg: GenerateConfig) -> dict:
         rollout.validate()
     except ValueError as exc:
         raise ConfigError(str(exc)) from None
-    ray.init(address=cfg.address or None, ignore_reinit_error=True, log_to_driver=False)
+    init_ray(cfg.address, cfg.output_dir)
     actor = rollout_worker_actor(rollout)
     items = [{"prompt_id": p["id"], "prompt": p["prompt"]} for p in prompts]
     chunks = [items[i : i + cfg.chunk_size] for i in range(0, len(items), cfg.chunk_size)]

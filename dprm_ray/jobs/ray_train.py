@@ -7,6 +7,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from dprm_ray.jobs.ray_session import init_ray
+
 
 def absolute_config(cfg: Any, path_keys: tuple[str, ...]) -> dict:
     """The config as plain data with output_dir and the given file keys made absolute
@@ -42,13 +44,12 @@ def fit(schema: type, worker: Callable[..., dict], plain: dict, name: str) -> di
     """Run `worker(cfg, report)` on `scale.num_workers` Ray Train workers; the final metrics."""
     import functools
 
-    import ray
     from ray.train import FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
     scale = plain["scale"]
     out_dir = Path(plain["output_dir"])
-    ray.init(address=scale["address"] or None, ignore_reinit_error=True)
+    init_ray(scale["address"], out_dir)
     trainer = TorchTrainer(
         functools.partial(_worker_loop, schema, worker),
         train_loop_config=plain,

@@ -27,6 +27,7 @@ from dprm_ray.config import (
     normalise_overrides,
     to_yaml,
 )
+from dprm_ray.jobs.ray_session import VERBOSE_ENV
 
 EXIT_OK, EXIT_FAILED, EXIT_CONFIG, EXIT_NOT_BUILT = 0, 1, 2, 3
 EXIT_SIGINT, EXIT_SIGTERM = 128 + signal.SIGINT, 128 + signal.SIGTERM  # 130, 143: shell convention
@@ -92,6 +93,9 @@ def _usage(job: Job, command: Command) -> str:
             "",
             "--config FILE     a YAML file of config values (applied before the overrides)",
             "--print-config    print the resolved config as YAML and exit",
+            "--verbose         show the libraries' log lines (Ray, Ray Data, vLLM, DeepSpeed) on the",
+            "                  console; by default the driver's go to OUTPUT_DIR/job.log and the",
+            "                  actors' stay in Ray's session logs (/tmp/ray/session_latest/logs)",
         ]
     if command.run is None:
         lines += ["", f"NOT BUILT YET: {command.not_built}"]
@@ -136,6 +140,9 @@ def _split_args(
 
 def run_job(job: Job, argv: Sequence[str] | None = None) -> int:
     args = list(sys.argv[1:] if argv is None else argv)
+    if "--verbose" in args:  # read by ray_session.init_ray; a quickstart's stages inherit it
+        args.remove("--verbose")
+        os.environ[VERBOSE_ENV] = "1"
     by_name = {c.name: c for c in job.commands}
     if args and args[0] and args[0] in by_name:
         command = by_name[args.pop(0)]

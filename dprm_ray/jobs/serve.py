@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from dprm_ray.config import MISSING, ConfigError
+from dprm_ray.jobs.ray_session import init_ray
 from dprm_ray.jobs.runner import Command, Job, run_job
 
 APP_NAME = "dprm-ray-reward"
@@ -175,7 +176,7 @@ def run(cfg: ServeConfig) -> dict:
     _check(cfg)
     token = bearer_token(cfg)
     own_cluster = not cfg.address and "RAY_ADDRESS" not in os.environ
-    ray.init(address=cfg.address or None, ignore_reinit_error=True, log_to_driver=False)
+    init_ray(cfg.address, cfg.output_dir)
     stop = threading.Event()
     # Ctrl-C and SIGTERM both end the wait below, so the app is always taken down. Installed
     # after ray.init, which sets a SIGTERM handler of its own (sys.exit).

@@ -32,6 +32,7 @@ from pathlib import Path
 from typing import Any
 
 from dprm_ray.config import ConfigError
+from dprm_ray.jobs.ray_session import init_ray
 from dprm_ray.jobs.runner import Command, Job, run_job
 from dprm_ray.reward_training import TrainRewardConfig
 
@@ -479,12 +480,11 @@ def run(cfg: SweepConfig) -> dict:
     # Tune saves the experiment state at most every TUNE_GLOBAL_CHECKPOINT_S (10 s and up by
     # default); saving it every second keeps a killed sweep from rerunning trials that finished.
     os.environ.setdefault("TUNE_GLOBAL_CHECKPOINT_S", "1")
-    import ray
     from ray import tune
     from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
     from ray.tune.search.basic_variant import BasicVariantGenerator
 
-    ray.init(address=cfg.address or None, ignore_reinit_error=True)
+    init_ray(cfg.address, cfg.output_dir)
     res = OmegaConf.to_container(cfg.resources)
     # A multi-worker trial only drives its trainer, whose workers hold the resources; Tune
     # cannot schedule a trial that asks for nothing, hence a sliver of a CPU.

@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import Any
 
 from dprm_ray.config import ConfigError
+from dprm_ray.jobs.ray_session import init_ray
 from dprm_ray.jobs.runner import Command, Job, run_job
 from dprm_ray.policy_training import (
     STATE_FILE,
@@ -320,7 +321,7 @@ def train_policy(cfg: Any, on_event: Event = _no_event) -> dict[str, Any]:
 
     if not typed.learner.gpus_per_rank:
         os.environ.setdefault("DS_ACCELERATOR", "cpu")
-    ray.init(address=typed.address or None, ignore_reinit_error=True)
+    init_ray(typed.address, typed.output_dir)
     timings: dict[str, float] = {}
     t0 = time.perf_counter()
     # Ray gives an actor one thread per CPU it asks for; where the phases take turns (a laptop)

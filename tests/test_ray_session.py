@@ -1,0 +1,81 @@
+"""Where the libraries' log lines go: a file in the job's output folder, errors on the console."""
+
+import logging
+import subprocess
+import sys
+import textwrap
+
+from conftest import REPO
+
+
+def _job(tmp_path, verbose: bool) -> subprocess.CompletedProcess:
+    script = textwrap.dedent(
+        f"""
+        import logging, ray
+        from dprm_ray.jobs.ray_session import init_ray
+
+        init_ray(None, {str(tmp_path)!r}, num_cpus=1, include_dashboard=False)
+
+        @ray.remote
+        def actor_side():
+            print("ACTOR-PRINT")
+
+        ray.get(actor_side.remote())
+        logging.getLogger("ray.data").info("RAY-DATA-INFO")
+        logging.getLogger("ray").warning("RAY-WARNING")
+        logging.getLogger("ray").error("RAY-ERROR")
+        import time; time.sleep(1)  # the log monitor forwards actor output about once a second
+        ray.shutdown()
+        """
+    )
+    env = {"DPRM_RAY_VERBOSE": "1"} if verbose else {"DPRM_RAY_VERBOSE": "0"}
+    import os
+
+    return subprocess.run(
+        [sys.executable, "-c", script],
+        cwd=REPO,
+        env={**os.environ, **env},
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+
+
+def test_library_lines_go_to_the_job_log_and_errors_to_the_console(tmp_path):
+    quiet = _job(tmp_path / "quiet", verbose=False)
+    assert quiet.returncode == 0, quiet.stderr[-2000:]
+    console = quiet.stdout + quiet.stderr
+    assert "RAY-ERROR" in console
+    for hidden in ("ACTOR-PRINT", "RAY-WARNING", "Started a local Ray instance"):
+        assert hidden not in console, console[-2000:]
+    log = (tmp_path / "quiet" / "job.log").read_text()
+    assert "Started a local Ray instance" in log and "RAY-WARNING" in log and "RAY-ERROR" in log
+
+    loud = _job(tmp_path / "loud", verbose=True)
+    assert loud.returncode == 0, loud.stderr[-2000:]
+    console = loud.stdout + loud.stderr
+    assert "ACTOR-PRINT" in console and "RAY-WARNING" in console, console[-2000:]
+    assert not (tmp_path / "loud" / "job.log").exists()
+
+
+def test_a_second_job_in_one_process_logs_to_its_own_folder(tmp_path):
+    from dprm_ray.jobs.ray_session import route_library_logs
+
+    root = logging.getLogger()
+    before = list(root.handlers)
+    loggers = [root, logging.getLogger("ray")]
+    levels = {h: h.level for logger in loggers for h in logger.handlers}
+    try:
+        route_library_logs(tmp_path / "a" / "job.log")
+        route_library_logs(tmp_path / "b" / "job.log")
+        logging.getLogger("ray").warning("ONLY-IN-B")
+        assert "ONLY-IN-B" in (tmp_path / "b" / "job.log").read_text()
+        assert "ONLY-IN-B" not in (tmp_path / "a" / "job.log").read_text()
+    finally:
+        for handler, level in levels.items():
+            handler.setLevel(level)
+        for logger in loggers:
+            for h in [h for h in logger.handlers if h.get_name() == "dprm-ray-job-log"]:
+                logger.removeHandler(h)
+                h.close()
+        assert root.handlers == before
