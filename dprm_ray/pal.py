@@ -537,7 +537,3 @@ class PALReward:
         prompt_emb = self._embed(prompts, [""] * len(prompts)) if need_prompts else None
         with torch.no_grad():
             return self.model.reward(items, prompt_emb, self.weights).numpy()
-
-
-def load_pal_reward(path: str | Path, user: str = MIXTURE) -> PALReward:
-    return PALReward(path, user)

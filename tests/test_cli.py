@@ -3,20 +3,6 @@ from conftest import run_cli
 
 from dprm_ray.jobs.cli import JOB_NAMES
 
-BUILT = {
-    "models",
-    "data",
-    "quickstart",
-    "train-reward",
-    "evaluate",
-    "distill",
-    "train-pal",
-    "annotate",
-    "sweep",
-    "serve",
-    "train-policy",
-}
-
 
 def test_top_level_help_lists_every_job():
     proc = run_cli("--help")
@@ -38,15 +24,6 @@ def test_each_job_runs_as_a_module_with_help(name):
     )
     assert proc.returncode == 0, proc.stderr
     assert "usage: dprm-ray" in proc.stdout
-    if name not in BUILT:
-        assert "NOT BUILT YET" in proc.stdout
-
-
-@pytest.mark.parametrize("name", sorted(set(JOB_NAMES) - BUILT))
-def test_jobs_not_built_say_so_and_fail(name):
-    proc = run_cli(name)
-    assert proc.returncode == 3
-    assert "not built yet" in proc.stderr and proc.stdout == ""
 
 
 def test_unknown_job_and_sub_command():

@@ -289,7 +289,7 @@ def train_policy(cfg: Any, on_event: Event = _no_event) -> dict[str, Any]:
 
     from dprm_ray.actors.learner import LearnerGroup
     from dprm_ray.actors.reward import ShardedReward
-    from dprm_ray.training import start_wandb, write_metrics
+    from dprm_ray.training import start_wandb
 
     typed: TrainPolicyConfig = OmegaConf.to_object(cfg)
     try:
@@ -409,7 +409,6 @@ def train_policy(cfg: Any, on_event: Event = _no_event) -> dict[str, Any]:
             "eval_prompts": len(eval_prompts),
             **timings,
         }
-        write_metrics(out / "metrics.json", metrics)
         if run is not None:
             run.summary.update({f"after/{k}": v for k, v in after.items()})
             run.finish()
