@@ -141,6 +141,8 @@ def load_prompts(path: str, split: str) -> list[dict[str, str]]:
 
     rows = read_text_columns(path, required=("prompt",), optional=("id",))
     out, seen = [], set()
+    first_row: dict[str, int] = {}  # id -> the file row (1-based) that has it
+    problems = []
     for i, row in enumerate(rows):
         prompt = row["prompt"]
         if "id" not in row:
@@ -148,10 +150,17 @@ def load_prompts(path: str, split: str) -> list[dict[str, str]]:
             if prompt in seen:
                 continue
             seen.add(prompt)
-        out.append({"id": str(row.get("id", f"row-{i}")), "prompt": prompt})
-    ids = [r["id"] for r in out]
-    if len(set(ids)) != len(ids):
-        raise DataError([f"{path}: prompt ids are not unique"])
+        prompt_id = str(row.get("id", f"row-{i}"))
+        if prompt_id in first_row:
+            problems.append(
+                f"{path}:{i + 1}: prompt id '{prompt_id}' is already used by row "
+                f"{first_row[prompt_id]} (ids must be unique)"
+            )
+            continue
+        first_row[prompt_id] = i + 1
+        out.append({"id": prompt_id, "prompt": prompt})
+    if problems:
+        raise DataError(problems)
     return out
 
 

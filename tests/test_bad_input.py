@@ -232,6 +232,29 @@ def test_the_messages_name_the_row(tmp_path, capsys, reward_model_dir):
     assert code == 1 and f"{blank}:1: empty text in 'prompt'" in text, text
 
 
+PROMPT_FILES = {
+    # name: (file body, what the message must say after `file`)
+    "bad_json_line": (b'{"prompt": "a"}\n{"prompt": "b",\n', ":2: bad JSON"),
+    "missing_prompt": (b'{"prompt": "a"}\n{"text": "b"}\n', ":2: missing column 'prompt'"),
+    "empty_file": (b"", ": no rows"),  # no row to name: the file has none
+    "duplicate_id": (
+        b'{"id": "x", "prompt": "a"}\n{"id": "y", "prompt": "b"}\n{"id": "x", "prompt": "c"}\n',
+        ":3: prompt id 'x' is already used by row 1",
+    ),
+}
+
+
+@pytest.mark.parametrize("kind", PROMPT_FILES)
+def test_a_bad_prompts_file_exits_1_naming_file_and_row(tmp_path, capsys, kind, reward_model_dir):
+    body, said = PROMPT_FILES[kind]
+    prompts = _write(tmp_path / "prompts.jsonl", body)
+    args = [f"prompts={prompts}", f"reward.model={reward_model_dir}", f"output_dir={tmp_path}/o"]
+    code, text = run_main("train-policy", args, capsys)
+    assert code == 1, text
+    assert f"{prompts}{said}" in text, text
+    assert "Traceback" not in text
+
+
 @pytest.mark.parametrize("command", ["persona-crowd", "persona-users"])
 def test_persona_statements_that_are_not_utf8_name_file_and_line(tmp_path, capsys, command):
     folder = tmp_path / "persona"
