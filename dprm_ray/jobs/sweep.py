@@ -33,7 +33,7 @@ from typing import Any
 
 from dprm_ray.config import ConfigError
 from dprm_ray.jobs.runner import Command, Job, run_job
-from dprm_ray.reward_training import TrainRewardConfig
+from dprm_ray.reward_config import TrainRewardConfig
 
 SPACE_KINDS = ("grid", "choice", "uniform", "loguniform")
 
