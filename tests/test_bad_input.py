@@ -46,7 +46,7 @@ def run_main(job_name: str, args: list[str], capsys) -> tuple[int, str]:
     module = importlib.import_module("dprm_ray.jobs." + job_name.replace("-", "_"))
     try:
         code = module.main(args)
-    except SystemExit as exc:  # train-pal reports some config errors by exiting 2
+    except SystemExit as exc:  # a job that exits by itself (none should)
         code = exc.code
     out = capsys.readouterr()
     assert not _ray_started(), f"{job_name} started Ray on bad input"

@@ -26,6 +26,7 @@ from dprm_ray.config import (
     load_config,
     normalise_overrides,
     to_yaml,
+    validate_config,
 )
 
 EXIT_OK, EXIT_FAILED, EXIT_CONFIG = 0, 1, 2
@@ -162,6 +163,7 @@ def run_job(job: Job, argv: Sequence[str] | None = None) -> int:
         return EXIT_OK
 
     try:
+        validate_config(cfg)
         check_output_paths(cfg, command.schema)
     except ConfigError as exc:
         print(f"{prog}: config error: {exc}", file=sys.stderr)
