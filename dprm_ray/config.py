@@ -39,6 +39,7 @@ __all__ = [
     "load_config",
     "normalise_overrides",
     "to_yaml",
+    "validate_config",
 ]
 
 
@@ -130,9 +131,12 @@ def _leaf_fields(cfg: Any, schema: type, prefix: str = "") -> Iterator[tuple[str
             yield key, field, value
 
 
-def check_ranges(cfg: Any, schema: type) -> None:
-    """Raise ConfigError naming the first key whose number is outside its declared range."""
-    for key, field, value in _leaf_fields(cfg, schema):
+def check_ranges(cfg: Any, schema: type, prefix: str = "") -> None:
+    """Raise ConfigError naming the first key whose number is outside its declared range.
+
+    `prefix` is where `cfg` sits in the job's config (e.g. `ppo.`), so that the message names the
+    full dotted key when a nested config checks itself."""
+    for key, field, value in _leaf_fields(cfg, schema, prefix):
         if not set(RANGE_KEYS) & set(field.metadata):
             continue
         if value is None or not isinstance(value, int | float) or isinstance(value, bool):
@@ -159,6 +163,16 @@ def check_output_paths(cfg: Any, schema: type) -> None:
                 if not parent.is_dir():
                     raise ConfigError(f"{key}: cannot write {path}: {parent} is a file")
                 break
+
+
+def validate_config(cfg: Any) -> None:
+    """Run the config's own `validate()` (the rules beyond types and declared ranges), if its
+    dataclass has one: it raises ConfigError naming the dotted key, and checks the nested configs
+    it holds. The runner calls it for every job before the job starts."""
+    obj = OmegaConf.to_object(cfg) if OmegaConf.is_config(cfg) else cfg
+    validate = getattr(obj, "validate", None)
+    if callable(validate):
+        validate()
 
 
 def load_config(

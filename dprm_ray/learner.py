@@ -23,6 +23,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from dprm_ray.config import check_ranges
 from dprm_ray.distill import LoraConfig, save_policy, with_lora
 from dprm_ray.ppo import (
     Experience,
@@ -63,10 +64,8 @@ class LearnerConfig:
     seed: int = field(default=0, metadata={"min": 0, "help": "initialisation seed"})
 
     def validate(self, prefix: str = "learner") -> None:
-        if self.zero_stage not in (0, 1, 2, 3):
-            raise ValueError(f"{prefix}.zero_stage must be 0, 1, 2 or 3, got {self.zero_stage}")
-        if self.num_ranks < 1:
-            raise ValueError(f"{prefix}.num_ranks must be >= 1, got {self.num_ranks}")
+        """ConfigError naming the dotted key (under `prefix`) of the first bad value."""
+        check_ranges(self, LearnerConfig, f"{prefix}.")
 
 
 # --------------------------------------------------------------------------- the model

@@ -48,6 +48,8 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from dprm_ray.config import ConfigError
+
 VARIANTS = ("pal-a", "pal-b")
 LOSSES = ("logistic", "hinge")
 MIXTURE = "mixture"
@@ -72,18 +74,18 @@ class PALConfig:
 
     def validate(self) -> None:
         if self.variant not in VARIANTS:
-            raise ValueError(f"variant must be one of {', '.join(VARIANTS)}, got '{self.variant}'")
+            raise ConfigError(f"variant must be one of {', '.join(VARIANTS)}, got '{self.variant}'")
         if self.loss not in LOSSES:
-            raise ValueError(f"loss must be one of {', '.join(LOSSES)}, got '{self.loss}'")
+            raise ConfigError(f"loss must be one of {', '.join(LOSSES)}, got '{self.loss}'")
         if self.variant == "pal-b" and self.loss != "logistic":
-            raise ValueError("PAL-B trains with the logistic (Bradley-Terry) loss only")
+            raise ConfigError("PAL-B trains with the logistic (Bradley-Terry) loss only")
         for name in ("input_dim", "num_prototypes", "hidden_size", "pref_dim"):
             if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+                raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
         if len(set(self.user_ids)) != len(self.user_ids):
-            raise ValueError("user_ids must be unique")
+            raise ConfigError("user_ids must be unique")
         if MIXTURE in self.user_ids:
-            raise ValueError(f"'{MIXTURE}' is reserved for the population-average user")
+            raise ConfigError(f"'{MIXTURE}' is reserved for the population-average user")
 
 
 def _mlp(in_dim: int, hidden: int, out_dim: int) -> nn.Sequential:
@@ -537,7 +539,3 @@ class PALReward:
         prompt_emb = self._embed(prompts, [""] * len(prompts)) if need_prompts else None
         with torch.no_grad():
             return self.model.reward(items, prompt_emb, self.weights).numpy()
-
-
-def load_pal_reward(path: str | Path, user: str = MIXTURE) -> PALReward:
-    return PALReward(path, user)

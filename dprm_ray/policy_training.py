@@ -16,6 +16,7 @@ from typing import Any
 import numpy as np
 from omegaconf import MISSING
 
+from dprm_ray.config import ConfigError, check_ranges
 from dprm_ray.learner import LearnerConfig
 from dprm_ray.ppo import PPOConfig
 from dprm_ray.rollout import RolloutConfig
@@ -38,12 +39,7 @@ class RewardConfig:
     retries: int = field(default=3, metadata={"min": 0, "help": "times a failed call is retried"})
 
     def validate(self, prefix: str = "reward") -> None:
-        if self.num_shards < 1:
-            raise ValueError(f"{prefix}.num_shards must be >= 1, got {self.num_shards}")
-        if self.cpus_per_shard < 0 or self.gpus_per_shard < 0:
-            raise ValueError(f"{prefix}.cpus_per_shard and gpus_per_shard must be >= 0")
-        if self.max_restarts < 0 or self.retries < 0:
-            raise ValueError(f"{prefix}.max_restarts and {prefix}.retries must be >= 0")
+        check_ranges(self, RewardConfig, f"{prefix}.")
 
 
 @dataclass
@@ -97,31 +93,23 @@ class TrainPolicyConfig:
     output_dir: str = "outputs/ppo"
 
     def validate(self) -> None:
+        """ConfigError naming the dotted key of the first bad value (the runner calls it)."""
+        check_ranges(self, TrainPolicyConfig)
         self.learner.validate()
         self.ppo.validate()
         self.rollout.validate()
         self.reward.validate()
-        for name in ("steps", "prompts_per_step", "chunk_size", "checkpoint_every"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.prompts_per_step % self.learner.num_ranks:
-            raise ValueError(
+            raise ConfigError(
                 f"prompts_per_step ({self.prompts_per_step}) must be a multiple of "
                 f"learner.num_ranks ({self.learner.num_ranks})"
             )
         if self.rollout.temperature != self.ppo.temperature:
             # The learner's log-probs must be those of the distribution that sampled.
-            raise ValueError(
+            raise ConfigError(
                 f"rollout.temperature ({self.rollout.temperature}) must equal "
                 f"ppo.temperature ({self.ppo.temperature})"
             )
-        if self.actor_threads < 0:
-            raise ValueError(f"actor_threads must be >= 0, got {self.actor_threads}")
-        if self.keep_checkpoints < 1:
-            raise ValueError(f"keep_checkpoints must be >= 1, got {self.keep_checkpoints}")
-
-
-# --------------------------------------------------------------------------- prompts
 
 
 def load_prompts(path: str, split: str) -> list[dict[str, str]]:
@@ -141,6 +129,8 @@ def load_prompts(path: str, split: str) -> list[dict[str, str]]:
 
     rows = read_text_columns(path, required=("prompt",), optional=("id",))
     out, seen = [], set()
+    first_row: dict[str, int] = {}  # id -> the file row (1-based) that has it
+    problems = []
     for i, row in enumerate(rows):
         prompt = row["prompt"]
         if "id" not in row:
@@ -148,10 +138,17 @@ def load_prompts(path: str, split: str) -> list[dict[str, str]]:
             if prompt in seen:
                 continue
             seen.add(prompt)
-        out.append({"id": str(row.get("id", f"row-{i}")), "prompt": prompt})
-    ids = [r["id"] for r in out]
-    if len(set(ids)) != len(ids):
-        raise DataError([f"{path}: prompt ids are not unique"])
+        prompt_id = str(row.get("id", f"row-{i}"))
+        if prompt_id in first_row:
+            problems.append(
+                f"{path}:{i + 1}: prompt id '{prompt_id}' is already used by row "
+                f"{first_row[prompt_id]} (ids must be unique)"
+            )
+            continue
+        first_row[prompt_id] = i + 1
+        out.append({"id": prompt_id, "prompt": prompt})
+    if problems:
+        raise DataError(problems)
     return out
 
 

@@ -27,6 +27,8 @@ from typing import Any
 
 import torch
 
+from dprm_ray.config import ConfigError, check_ranges
+
 KL_ESTIMATORS = ("k1", "k2", "k3")
 ADVANTAGES = ("gae", "rloo", "grpo", "reinforce_pp")
 KL_CONTROLLERS = ("fixed", "adaptive")
@@ -93,41 +95,28 @@ class PPOConfig:
     max_length: int = field(default=512, metadata={"min": 1, "help": "prompt+response tokens kept"})
 
     def validate(self, prefix: str = "ppo") -> None:
+        """ConfigError naming the dotted key (under `prefix`) of the first bad value."""
+        check_ranges(self, PPOConfig, f"{prefix}.")
         if self.kl_estimator not in KL_ESTIMATORS:
-            raise ValueError(
+            raise ConfigError(
                 f"{prefix}.kl_estimator must be one of {', '.join(KL_ESTIMATORS)}, "
                 f"got '{self.kl_estimator}'"
             )
         if self.kl_controller not in KL_CONTROLLERS:
-            raise ValueError(
+            raise ConfigError(
                 f"{prefix}.kl_controller must be one of {', '.join(KL_CONTROLLERS)}, "
                 f"got '{self.kl_controller}'"
             )
         if self.advantage not in ADVANTAGES:
-            raise ValueError(
+            raise ConfigError(
                 f"{prefix}.advantage must be one of {', '.join(ADVANTAGES)}, got '{self.advantage}'"
             )
         if self.advantage in ("rloo", "grpo") and self.samples_per_prompt < 2:
-            raise ValueError(
+            raise ConfigError(
                 f"{prefix}.samples_per_prompt must be >= 2 for {prefix}.advantage="
                 f"{self.advantage} (the baseline is the prompt's other responses), "
                 f"got {self.samples_per_prompt}"
             )
-        if self.kl_coef < 0:
-            raise ValueError(f"{prefix}.kl_coef must be >= 0, got {self.kl_coef}")
-        for name in (
-            "ppo_epochs",
-            "mini_batch_size",
-            "max_length",
-            "kl_horizon",
-            "samples_per_prompt",
-        ):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{prefix}.{name} must be >= 1, got {getattr(self, name)}")
-        if not 0 <= self.lam <= 1 or not 0 <= self.gamma <= 1:
-            raise ValueError(f"{prefix}.gamma and {prefix}.lam must lie in [0, 1]")
-        if self.temperature <= 0:
-            raise ValueError(f"{prefix}.temperature must be > 0, got {self.temperature}")
 
 
 # --------------------------------------------------------------------------- masked statistics

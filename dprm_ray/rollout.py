@@ -23,6 +23,8 @@ from typing import Any
 
 import torch
 
+from dprm_ray.config import ConfigError
+
 ENGINES = ("vllm", "transformers")
 SYNC_METHODS = ("object_store", "nccl")
 
@@ -76,29 +78,29 @@ class RolloutConfig:
 
     def validate(self, prefix: str = "rollout") -> None:
         if self.engine not in ENGINES:
-            raise ValueError(f"{prefix}.engine must be one of {ENGINES}, got '{self.engine}'")
+            raise ConfigError(f"{prefix}.engine must be one of {ENGINES}, got '{self.engine}'")
         if self.sync not in SYNC_METHODS:
-            raise ValueError(f"{prefix}.sync must be one of {SYNC_METHODS}, got '{self.sync}'")
+            raise ConfigError(f"{prefix}.sync must be one of {SYNC_METHODS}, got '{self.sync}'")
         if self.sync == "nccl" and (self.engine != "vllm" or self.gpus_per_worker <= 0):
-            raise ValueError(
+            raise ConfigError(
                 f"{prefix}.sync=nccl needs {prefix}.engine=vllm and {prefix}.gpus_per_worker > 0 "
                 "(use sync=object_store on CPU)"
             )
         for name in ("num_workers", "max_new_tokens", "max_prompt_tokens", "batch_size"):
             if getattr(self, name) < 1:
-                raise ValueError(f"{prefix}.{name} must be >= 1, got {getattr(self, name)}")
+                raise ConfigError(f"{prefix}.{name} must be >= 1, got {getattr(self, name)}")
         if self.temperature <= 0:
-            raise ValueError(
+            raise ConfigError(
                 f"{prefix}.temperature must be > 0 (PPO samples), got {self.temperature}"
             )
         if not 0 < self.top_p <= 1:
-            raise ValueError(f"{prefix}.top_p must be in (0, 1], got {self.top_p}")
+            raise ConfigError(f"{prefix}.top_p must be in (0, 1], got {self.top_p}")
         if self.max_restarts < 0 or self.sync_timeout_s <= 0:
-            raise ValueError(f"{prefix}.max_restarts must be >= 0 and sync_timeout_s > 0")
+            raise ConfigError(f"{prefix}.max_restarts must be >= 0 and sync_timeout_s > 0")
         if self.engine == "vllm":
             need = self.max_prompt_tokens + self.max_new_tokens
             if self.vllm.max_model_len < need:
-                raise ValueError(
+                raise ConfigError(
                     f"{prefix}.vllm.max_model_len ({self.vllm.max_model_len}) must hold "
                     f"max_prompt_tokens + max_new_tokens ({need})"
                 )

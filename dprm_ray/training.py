@@ -16,10 +16,11 @@ import socket
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import numpy as np
-import torch
+if TYPE_CHECKING:  # imported where they are used: reading a config needs neither
+    import numpy as np
+    import torch
 
 
 @dataclass
@@ -82,6 +83,8 @@ def gather(obj: Any) -> list[Any]:
 
 def step_rows(n: int, global_batch: int, seed: int, step: int) -> np.ndarray:
     """The example indices of global step `step`: epoch-wise permutations, last partial dropped."""
+    import numpy as np
+
     per_epoch = n // global_batch
     epoch, offset = divmod(step, per_epoch)
     perm = np.random.default_rng([seed, epoch]).permutation(n)
@@ -104,6 +107,7 @@ def total_steps(n_items: int, optim: OptimConfig, world: int, source: str, what:
 
 def deepspeed_engine(model: torch.nn.Module, optim: OptimConfig, zero_stage: int) -> Any:
     import deepspeed
+    import torch
 
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=optim.lr, weight_decay=optim.weight_decay)

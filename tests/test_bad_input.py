@@ -46,7 +46,7 @@ def run_main(job_name: str, args: list[str], capsys) -> tuple[int, str]:
     module = importlib.import_module("dprm_ray.jobs." + job_name.replace("-", "_"))
     try:
         code = module.main(args)
-    except SystemExit as exc:  # train-pal reports some config errors by exiting 2
+    except SystemExit as exc:  # a job that exits by itself (none should)
         code = exc.code
     out = capsys.readouterr()
     assert not _ray_started(), f"{job_name} started Ray on bad input"
@@ -230,6 +230,29 @@ def test_the_messages_name_the_row(tmp_path, capsys, reward_model_dir):
     args = [f"prompts={blank}", f"reward.model={reward_model_dir}", f"output_dir={tmp_path}/o"]
     code, text = run_main("train-policy", args, capsys)
     assert code == 1 and f"{blank}:1: empty text in 'prompt'" in text, text
+
+
+PROMPT_FILES = {
+    # name: (file body, what the message must say after `file`)
+    "bad_json_line": (b'{"prompt": "a"}\n{"prompt": "b",\n', ":2: bad JSON"),
+    "missing_prompt": (b'{"prompt": "a"}\n{"text": "b"}\n', ":2: missing column 'prompt'"),
+    "empty_file": (b"", ": no rows"),  # no row to name: the file has none
+    "duplicate_id": (
+        b'{"id": "x", "prompt": "a"}\n{"id": "y", "prompt": "b"}\n{"id": "x", "prompt": "c"}\n',
+        ":3: prompt id 'x' is already used by row 1",
+    ),
+}
+
+
+@pytest.mark.parametrize("kind", PROMPT_FILES)
+def test_a_bad_prompts_file_exits_1_naming_file_and_row(tmp_path, capsys, kind, reward_model_dir):
+    body, said = PROMPT_FILES[kind]
+    prompts = _write(tmp_path / "prompts.jsonl", body)
+    args = [f"prompts={prompts}", f"reward.model={reward_model_dir}", f"output_dir={tmp_path}/o"]
+    code, text = run_main("train-policy", args, capsys)
+    assert code == 1, text
+    assert f"{prompts}{said}" in text, text
+    assert "Traceback" not in text
 
 
 @pytest.mark.parametrize("command", ["persona-crowd", "persona-users"])

@@ -221,7 +221,7 @@ def test_critic_free_estimators_need_groups():
         PPOConfig(advantage="rloo").validate()
     with pytest.raises(ValueError, match="advantage must be one of"):
         PPOConfig(advantage="ppo").validate()
-    with pytest.raises(ValueError, match="kl_coef must be >= 0"):
+    with pytest.raises(ValueError, match="ppo.kl_coef: must be >= 0"):
         PPOConfig(kl_coef=-0.1).validate()
     PPOConfig(advantage="grpo", samples_per_prompt=4).validate()
 

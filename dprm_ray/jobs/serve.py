@@ -19,7 +19,7 @@ import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from dprm_ray.config import MISSING, ConfigError
+from dprm_ray.config import MISSING, ConfigError, validate_config
 from dprm_ray.jobs.ray_session import init_ray
 from dprm_ray.jobs.runner import Command, Job, run_job
 
@@ -68,37 +68,41 @@ class ServeConfig:
     address: str = field(default="", metadata={"help": "Ray address ('' = local or the job's)"})
     output_dir: str = "outputs/serve"
 
+    def validate(self) -> None:
+        """Config problems that need no Ray, each naming its key (the runner calls it)."""
+        from dprm_ray.reward_models import is_reward_model_dir
 
-def _check(cfg: ServeConfig) -> None:
-    """Config problems that need no Ray: each names its key."""
-    from dprm_ray.reward_models import is_reward_model_dir
-
-    if not is_reward_model_dir(cfg.model):
-        raise ConfigError(
-            f"model: '{cfg.model}' is not a reward-model folder (no reward_model.json)"
-        )
-    if not cfg.route.startswith("/"):
-        raise ConfigError(f"route: must start with '/', got '{cfg.route}'")
-    for key in ("max_items_per_request", "max_batch_size", "max_ongoing_requests", "max_length"):
-        if getattr(cfg, key) < 1:
-            raise ConfigError(f"{key}: must be >= 1, got {getattr(cfg, key)}")
-    if cfg.max_batch_size < cfg.max_items_per_request:
-        raise ConfigError(
-            f"max_batch_size: {cfg.max_batch_size} items per forward pass is less than "
-            f"max_items_per_request ({cfg.max_items_per_request}); a full request must fit"
-        )
-    if cfg.max_body_bytes < 2:
-        raise ConfigError(f"max_body_bytes: must be >= 2, got {cfg.max_body_bytes}")
-    if not 0 <= cfg.port < 65536:
-        raise ConfigError(f"port: must be in 0..65535, got {cfg.port}")
-    scaling = cfg.autoscaling
-    if scaling.enabled and not 0 <= scaling.min_replicas <= scaling.max_replicas:
-        raise ConfigError(
-            "autoscaling: need 0 <= min_replicas <= max_replicas, got "
-            f"{scaling.min_replicas} and {scaling.max_replicas}"
-        )
-    if not scaling.enabled and cfg.num_replicas < 1:
-        raise ConfigError(f"num_replicas: must be >= 1, got {cfg.num_replicas}")
+        if not is_reward_model_dir(self.model):
+            raise ConfigError(
+                f"model: '{self.model}' is not a reward-model folder (no reward_model.json)"
+            )
+        if not self.route.startswith("/"):
+            raise ConfigError(f"route: must start with '/', got '{self.route}'")
+        for key in (
+            "max_items_per_request",
+            "max_batch_size",
+            "max_ongoing_requests",
+            "max_length",
+        ):
+            if getattr(self, key) < 1:
+                raise ConfigError(f"{key}: must be >= 1, got {getattr(self, key)}")
+        if self.max_batch_size < self.max_items_per_request:
+            raise ConfigError(
+                f"max_batch_size: {self.max_batch_size} items per forward pass is less than "
+                f"max_items_per_request ({self.max_items_per_request}); a full request must fit"
+            )
+        if self.max_body_bytes < 2:
+            raise ConfigError(f"max_body_bytes: must be >= 2, got {self.max_body_bytes}")
+        if not 0 <= self.port < 65536:
+            raise ConfigError(f"port: must be in 0..65535, got {self.port}")
+        scaling = self.autoscaling
+        if scaling.enabled and not 0 <= scaling.min_replicas <= scaling.max_replicas:
+            raise ConfigError(
+                "autoscaling: need 0 <= min_replicas <= max_replicas, got "
+                f"{scaling.min_replicas} and {scaling.max_replicas}"
+            )
+        if not scaling.enabled and self.num_replicas < 1:
+            raise ConfigError(f"num_replicas: must be >= 1, got {self.num_replicas}")
 
 
 def bearer_token(cfg: ServeConfig) -> str | None:
@@ -125,7 +129,7 @@ def deploy(cfg: ServeConfig, token: str | None) -> str:
     from dprm_ray.actors.serve import RewardScorer
     from dprm_ray.serving import token_digest
 
-    _check(cfg)
+    validate_config(cfg)  # deploy is also called on its own
     serve.start(http_options={"host": cfg.host, "port": cfg.port})
     options: dict = {
         "max_ongoing_requests": cfg.max_ongoing_requests,
@@ -173,7 +177,6 @@ def run(cfg: ServeConfig) -> dict:
     import ray
     from ray import serve
 
-    _check(cfg)
     token = bearer_token(cfg)
     own_cluster = not cfg.address and "RAY_ADDRESS" not in os.environ
     init_ray(cfg.address, cfg.output_dir)

@@ -34,7 +34,7 @@ from typing import Any
 from dprm_ray.config import ConfigError
 from dprm_ray.jobs.ray_session import init_ray
 from dprm_ray.jobs.runner import Command, Job, run_job
-from dprm_ray.reward_training import TrainRewardConfig
+from dprm_ray.reward_config import TrainRewardConfig
 
 SPACE_KINDS = ("grid", "choice", "uniform", "loguniform")
 
@@ -100,6 +100,20 @@ class SweepConfig:
         default=True, metadata={"help": "continue the sweep already in output_dir, if any"}
     )
     output_dir: str = "outputs/sweep"
+
+    def validate(self) -> None:
+        """ConfigError naming the key; the runner calls it before the sweep starts."""
+        if self.mode not in ("min", "max"):
+            raise ConfigError(f"mode must be min or max, got '{self.mode}'")
+        if self.asha.time_attr not in ("training_iteration", "steps"):
+            raise ConfigError(
+                f"asha.time_attr must be training_iteration or steps, got '{self.asha.time_attr}'"
+            )
+        res = self.resources
+        if res.workers < 1 or res.cpus <= 0 or res.gpus < 0:
+            raise ConfigError("resources: need workers >= 1, cpus > 0 and gpus >= 0")
+        if res.workers > 1 and res.gpus not in (0, 1):
+            raise ConfigError("resources.gpus: Ray Train workers take 0 or 1 GPU each")
 
 
 # --------------------------------------------------------------------------- the search space
@@ -177,26 +191,6 @@ def _tune_domain(spec: dict) -> Any:
     if kind == "choice":
         return tune.choice(values)
     return getattr(tune, kind)(*values)
-
-
-def _check(cfg: SweepConfig) -> None:
-    if cfg.mode not in ("min", "max"):
-        raise ConfigError(f"mode must be min or max, got '{cfg.mode}'")
-    if cfg.asha.time_attr not in ("training_iteration", "steps"):
-        raise ConfigError(
-            f"asha.time_attr must be training_iteration or steps, got '{cfg.asha.time_attr}'"
-        )
-    res = cfg.resources
-    if res.workers < 1 or res.cpus <= 0 or res.gpus < 0:
-        raise ConfigError("resources: need workers >= 1, cpus > 0 and gpus >= 0")
-    if res.workers > 1 and res.gpus not in (0, 1):
-        raise ConfigError("resources.gpus: Ray Train workers take 0 or 1 GPU each")
-    if cfg.asha.enabled and cfg.train.eval_every <= 0:
-        print(
-            "sweep: train.eval_every is 0, so a trial reports only at its end and ASHA can stop "
-            "nothing early; set train.eval_every to a number of steps",
-            file=sys.stderr,
-        )
 
 
 # --------------------------------------------------------------------------- one trial
@@ -463,7 +457,12 @@ def run(cfg: SweepConfig) -> dict:
     from dprm_ray.reward_training import load_reward_data
 
     space = search_space(cfg)
-    _check(cfg)
+    if cfg.asha.enabled and cfg.train.eval_every <= 0:
+        print(
+            "sweep: train.eval_every is 0, so a trial reports only at its end and ASHA can stop "
+            "nothing early; set train.eval_every to a number of steps",
+            file=sys.stderr,
+        )
     sweep_dir = Path(cfg.output_dir).resolve()
     exp_dir = sweep_dir / "tune"
     base = absolute_config(cfg.train, ("data", "eval_data"))

@@ -15,7 +15,7 @@ import sys
 from dataclasses import dataclass, field
 from typing import Any
 
-from dprm_ray.config import MISSING
+from dprm_ray.config import MISSING, ConfigError
 from dprm_ray.jobs.runner import Command, Job, run_job
 
 
@@ -53,6 +53,25 @@ class TrainPALConfig:
     skip_invalid_rows: bool = False
     output_dir: str = "outputs/train-pal"
 
+    def pal_config(self) -> Any:
+        """The PALConfig of the model this run trains."""
+        from dprm_ray.pal import PALConfig
+
+        return PALConfig(
+            variant=self.variant,
+            num_prototypes=self.num_prototypes,
+            hidden_size=self.hidden_size,
+            pref_dim=self.pref_dim,
+            loss=self.loss,
+            hinge_margin=self.hinge_margin,
+            backbone=self.backbone,
+            max_length=self.max_length,
+        )
+
+    def validate(self) -> None:
+        """ConfigError naming the key (the runner calls it)."""
+        self.pal_config().validate()
+
 
 @dataclass
 class AdaptPALConfig:
@@ -73,10 +92,10 @@ class AdaptPALConfig:
     threads: int = field(default=1, metadata={"min": 1})
     output_dir: str = "outputs/train-pal-adapt"
 
-
-def _config_error(prog: str, message: str) -> None:
-    print(f"dprm-ray {prog}: config error: {message}", file=sys.stderr)
-    raise SystemExit(2)
+    def validate(self) -> None:
+        """ConfigError naming the key (the runner calls it)."""
+        if self.new_user_id == "mixture" or (not self.new_user_id and self.user == "mixture"):
+            raise ConfigError("new_user_id: 'mixture' is reserved for the population average")
 
 
 def _load_pairs(path: str, skip_invalid: bool = False, user: str = "") -> list[dict[str, Any]]:
@@ -100,7 +119,6 @@ def train(cfg: TrainPALConfig) -> dict:
 
     from dprm_ray.data import DataError
     from dprm_ray.pal import (
-        PALConfig,
         build_pal_model,
         embed_pairs,
         pal_accuracy,
@@ -109,20 +127,7 @@ def train(cfg: TrainPALConfig) -> dict:
     )
 
     torch.set_num_threads(cfg.threads)
-    pal_config = PALConfig(
-        variant=cfg.variant,
-        num_prototypes=cfg.num_prototypes,
-        hidden_size=cfg.hidden_size,
-        pref_dim=cfg.pref_dim,
-        loss=cfg.loss,
-        hinge_margin=cfg.hinge_margin,
-        backbone=cfg.backbone,
-        max_length=cfg.max_length,
-    )
-    try:
-        pal_config.validate()
-    except ValueError as exc:
-        _config_error("train-pal", str(exc))
+    pal_config = TrainPALConfig.pal_config(cfg)  # cfg is the runner's (validated) config node
     rows = _load_pairs(cfg.data, cfg.skip_invalid_rows)
     missing = [i for i, r in enumerate(rows, start=1) if "user_id" not in r]
     if missing:
@@ -191,16 +196,14 @@ def adapt(cfg: AdaptPALConfig) -> dict:
     from dprm_ray.pal import adapt_user, embed_pairs, load_pal, pal_accuracy, save_pal
 
     torch.set_num_threads(cfg.threads)
-    if cfg.budget < 0 or cfg.steps < 0:
-        _config_error("train-pal adapt", "budget and steps must be >= 0")
     model = load_pal(cfg.model)
     rows = _load_pairs(cfg.data, user=cfg.user)
     users = {r.get("user_id") for r in rows} - {None}
     if len(users) > 1:
         raise DataError([f"{cfg.data}: holds {len(users)} users; pick one with user=..."])
     new_id = cfg.new_user_id or cfg.user or (users.pop() if users else "new-user")
-    if new_id == "mixture":
-        _config_error("train-pal adapt", "'mixture' is reserved for the population average")
+    if new_id == "mixture":  # taken from the data's user_id
+        raise ConfigError("new_user_id: 'mixture' is reserved for the population average")
     rows = rows[: cfg.budget]
     spec, max_length = model.config.backbone, model.config.max_length
     comparisons = embed_pairs(rows, spec, max_length) if rows else None

@@ -290,13 +290,9 @@ def train_policy(cfg: Any, on_event: Event = _no_event) -> dict[str, Any]:
 
     from dprm_ray.actors.learner import LearnerGroup
     from dprm_ray.actors.reward import ShardedReward
-    from dprm_ray.training import start_wandb, write_metrics
+    from dprm_ray.training import start_wandb
 
-    typed: TrainPolicyConfig = OmegaConf.to_object(cfg)
-    try:
-        typed.validate()
-    except ValueError as exc:
-        raise ConfigError(str(exc)) from None
+    typed: TrainPolicyConfig = OmegaConf.to_object(cfg)  # validated by the runner
     from dprm_ray.reward_models import is_reward_model_dir
 
     if not is_reward_model_dir(typed.reward.model):
@@ -410,7 +406,6 @@ def train_policy(cfg: Any, on_event: Event = _no_event) -> dict[str, Any]:
             "eval_prompts": len(eval_prompts),
             **timings,
         }
-        write_metrics(out / "metrics.json", metrics)
         if run is not None:
             run.summary.update({f"after/{k}": v for k, v in after.items()})
             run.finish()

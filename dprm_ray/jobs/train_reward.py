@@ -13,7 +13,7 @@ import sys
 from pathlib import Path
 
 from dprm_ray.jobs.runner import Command, Job, run_job
-from dprm_ray.reward_training import TrainRewardConfig
+from dprm_ray.reward_config import TrainRewardConfig
 
 
 def run(cfg: TrainRewardConfig) -> dict:
