@@ -46,11 +46,10 @@ from dprm_ray.judge import (
     JudgeConfig,
     PersonaJudge,
     PromptBuilder,
-    check_judge_config,
     make_backend,
     option_labels,
 )
-from dprm_ray.labels import LabelSpace
+from dprm_ray.labels import LabelSpace, get_label_space
 
 REPO = Path(__file__).resolve().parents[1]
 DATA = REPO.parent / "shared" / "data" / "hh-rlhf" / "harmless-base-dev.jsonl"
@@ -165,7 +164,8 @@ def main() -> None:
     print(f"{len(pairs)} held-out pairs ({len(test)} in the test part), {len(replies)} replies")
 
     cfg = JudgeConfig(backend=args.backend, model=args.model, personas_per_item=args.personas)
-    space = check_judge_config(cfg)
+    cfg.validate()
+    space = get_label_space(cfg.label_space)
     sample_prompt = PromptBuilder(cfg, space).build("p", "r")
     cache = CachedBackend(
         lambda: make_backend(cfg, sample_prompt, option_labels(space)),

@@ -30,7 +30,7 @@ from typing import Any, Protocol
 
 import numpy as np
 
-from dprm_ray.config import ConfigError
+from dprm_ray.config import ConfigError, check_ranges
 from dprm_ray.crowd import (
     aggregate,
     dirichlet_alpha,
@@ -153,6 +153,31 @@ class JudgeConfig:
     judge_id: str = field(default="", metadata={"help": "stored per row ('' = backend:model)"})
     vllm: VllmJudgeConfig = field(default_factory=VllmJudgeConfig)
     openai: OpenAIJudgeConfig = field(default_factory=OpenAIJudgeConfig)
+
+    def validate(self, prefix: str = "judge.") -> None:
+        """Everything that can be checked without loading the model; `prefix` is where this
+        config sits in the job's (messages name the full dotted key)."""
+        check_ranges(self, JudgeConfig, prefix)
+        if self.backend not in ("transformers", "vllm", "openai", "gold"):
+            raise ConfigError(
+                f"{prefix}backend: unknown backend '{self.backend}' "
+                "(transformers, vllm, openai, gold)"
+            )
+        if self.backend == "gold" and self.label_space != "hh6":
+            # The gold population (dprm_ray/gold.py) is defined over hh6 only.
+            raise ConfigError(
+                f"{prefix}label_space: the gold crowd votes on hh6, got '{self.label_space}'"
+            )
+        if self.vote not in ("argmax", "sample", "expected"):
+            raise ConfigError(
+                f"{prefix}vote: must be argmax, sample or expected, got '{self.vote}'"
+            )
+        try:
+            space = get_label_space(self.label_space)
+        except ValueError as exc:
+            raise ConfigError(f"{prefix}label_space: {exc}") from None
+        load_personas(self.personas or None)
+        PromptBuilder(self, space)
 
 
 class JudgeBackendError(RuntimeError):
@@ -499,7 +524,8 @@ class PersonaJudge:
     """Labels rows with a prior, one vote per persona, the posterior and the smoothed target."""
 
     def __init__(self, cfg: JudgeConfig, backend: JudgeBackend | None = None):
-        self.space = check_judge_config(cfg)
+        cfg.validate()
+        self.space = get_label_space(cfg.label_space)
         self.cfg = cfg
         self.personas = load_personas(cfg.personas or None)
         self.prompts = PromptBuilder(cfg, self.space)
@@ -598,42 +624,6 @@ class PersonaJudge:
             return int(np.argmin(np.abs(scores - _softmax(logp) @ scores)))
         probs = _softmax(logp / self.cfg.temperature)
         return int(_rng(self.cfg.seed, key, salt).choice(len(probs), p=probs))
-
-
-def check_judge_config(cfg: JudgeConfig) -> LabelSpace:
-    """Everything about a judge config that can be checked without loading the model."""
-    if cfg.backend not in ("transformers", "vllm", "openai", "gold"):
-        raise ConfigError(
-            f"judge.backend: unknown backend '{cfg.backend}' (transformers, vllm, openai, gold)"
-        )
-    if cfg.backend == "gold" and cfg.label_space != "hh6":
-        # The gold population (dprm_ray/gold.py) is defined over hh6 only.
-        raise ConfigError(
-            f"judge.label_space: the gold crowd votes on hh6, got '{cfg.label_space}'"
-        )
-    if cfg.vote not in ("argmax", "sample", "expected"):
-        raise ConfigError(f"judge.vote: must be argmax, sample or expected, got '{cfg.vote}'")
-    for key, least in (
-        ("personas_per_item", 0),
-        ("batch_size", 1),
-        ("max_tokens", 1),
-        ("max_prompt_chars", 1),
-        ("max_response_chars", 1),
-    ):
-        value = getattr(cfg, key)
-        if value < least:
-            raise ConfigError(f"judge.{key}: must be >= {least}, got {value}")
-    if cfg.temperature <= 0:
-        raise ConfigError(f"judge.temperature: must be > 0, got {cfg.temperature}")
-    if cfg.kappa < 0 or not 0 <= cfg.eps < 1:
-        raise ConfigError("judge.kappa must be >= 0 and judge.eps in [0, 1)")
-    try:
-        space = get_label_space(cfg.label_space)
-    except ValueError as exc:
-        raise ConfigError(f"judge.label_space: {exc}") from None
-    load_personas(cfg.personas or None)
-    PromptBuilder(cfg, space)
-    return space
 
 
 def make_backend(cfg: JudgeConfig, sample_prompt: str, options: list[str]) -> JudgeBackend:

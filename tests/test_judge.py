@@ -12,7 +12,6 @@ from dprm_ray.judge import (
     JudgeBackendError,
     JudgeConfig,
     PersonaJudge,
-    check_judge_config,
     choose_personas,
     load_personas,
     update_with_votes,
@@ -330,9 +329,9 @@ def test_expected_vote_is_the_category_nearest_the_expected_score(three_personas
 )
 def test_count_keys_out_of_range_name_the_key(key, value, least):
     with pytest.raises(ConfigError, match=rf"^judge.{key}: must be >= {least}, got {value}$"):
-        check_judge_config(JudgeConfig(model="tiny", **{key: value}))
+        JudgeConfig(model="tiny", **{key: value}).validate()
 
 
 def test_unknown_vote_names_the_choices():
     with pytest.raises(ConfigError, match="judge.vote: must be argmax, sample or expected"):
-        check_judge_config(JudgeConfig(vote="mean"))
+        JudgeConfig(vote="mean").validate()

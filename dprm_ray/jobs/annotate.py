@@ -64,6 +64,11 @@ class AnnotateConfig:
         default="outputs/annotate", metadata={"help": "where config.yaml and metrics.json go"}
     )
 
+    def validate(self) -> None:
+        self.judge.validate()
+        if self.pool.min_actors < 1 or self.pool.max_actors < self.pool.min_actors:
+            raise ConfigError("pool: need 1 <= pool.min_actors <= pool.max_actors")
+
 
 @dataclass
 class UpdateConfig:
@@ -173,12 +178,11 @@ def annotate(cfg: AnnotateConfig) -> dict:
 
     from dprm_ray.actors.annotator import PersonaAnnotator
     from dprm_ray.data import write_rows
-    from dprm_ray.judge import check_judge_config
 
     output, rejects_path, parts = _paths(cfg)
-    space = check_judge_config(cfg.judge)  # config mistakes fail here, before Ray starts
-    if cfg.pool.min_actors < 1 or cfg.pool.max_actors < cfg.pool.min_actors:
-        raise ConfigError("pool: need 1 <= pool.min_actors <= pool.max_actors")
+    from dprm_ray.labels import get_label_space
+
+    space = get_label_space(cfg.judge.label_space)
     table, keys = _read_input(cfg.input)
     old_good, old_rejects = _existing(output, rejects_path, parts)
     done = {r["row_key"] for r in old_good} | {r["row_key"] for r in old_rejects}

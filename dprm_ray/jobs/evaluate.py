@@ -109,6 +109,13 @@ class EvaluateCrowdConfig:
         metadata={"help": "replies.parquet, annotations.parquet (resumable), metrics.json"},
     )
 
+    def validate(self) -> None:
+        from dprm_ray.config import ConfigError
+
+        self.judge.validate()
+        if self.split not in ("all", "train", "test"):
+            raise ConfigError(f"split: must be all, train or test, got '{self.split}'")
+
 
 def evaluate_crowd(cfg: EvaluateCrowdConfig) -> dict:
     from pathlib import Path
@@ -119,15 +126,9 @@ def evaluate_crowd(cfg: EvaluateCrowdConfig) -> dict:
     from dprm_ray.crowd_eval import crowd_agreement, distinct_replies, split_rows
     from dprm_ray.data import DataError, load_rows, write_rows
     from dprm_ray.jobs.annotate import AnnotateConfig, annotate
-    from dprm_ray.judge import check_judge_config
+    from dprm_ray.labels import get_label_space
 
-    space = check_judge_config(cfg.judge)
-    if cfg.split not in ("all", "train", "test"):
-        raise ConfigError(f"split: must be all, train or test, got '{cfg.split}'")
-    if not 0 < cfg.train_fraction < 1:
-        raise ConfigError(f"train_fraction: must be in (0, 1), got {cfg.train_fraction}")
-    if cfg.max_pairs < 0:
-        raise ConfigError(f"max_pairs: must be >= 0, got {cfg.max_pairs}")
+    space = get_label_space(cfg.judge.label_space)
 
     loaded = load_rows(cfg.data, "pairs", skip_invalid=cfg.skip_invalid_rows)
     if loaded.skipped:
