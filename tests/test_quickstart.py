@@ -9,9 +9,9 @@ import pytest
 from conftest import run_cli
 from PIL import Image
 
-from dprm_ray.jobs.quickstart import METHODS, QuickstartConfig, resolve
+from dprm_ray.jobs.quickstart import QuickstartConfig, resolve
 from dprm_ray.labels import hh6
-from dprm_ray.report import Report, gold_stats, render_html, share_stats, write_report
+from dprm_ray.report import METHODS, Report, gold_stats, render_html, share_stats, write_report
 
 
 def test_share_stats_mean_and_std_over_seeds():
