@@ -155,6 +155,21 @@ def test_sizes_resolve_and_explicit_keys_win():
         resolve(cfg(responses_per_prompt=1))
 
 
+def test_each_size_is_one_yaml_that_sets_every_key():
+    from dataclasses import fields
+
+    from dprm_ray.jobs.quickstart import PRESETS, Plan, preset
+
+    sizes = sorted(p.stem for p in PRESETS.glob("*.yaml"))
+    assert sizes == ["default", "tiny"]
+    keys = {f.name for f in fields(Plan)} - {"size", "reward_models", "seed"}
+    for size in sizes:
+        assert set(preset(size)) == keys
+        # Both sizes train with RLOO over two samples of each prompt.
+        args = preset(size)["train_policy_args"]
+        assert "ppo.advantage=rloo" in args and "ppo.samples_per_prompt=2" in args
+
+
 def test_quickstart_size_key_is_accepted_and_bad_sizes_fail_before_ray(tmp_path):
     proc = run_cli("quickstart", "--print-config", "quickstart.size=tiny")
     assert proc.returncode == 0, proc.stderr

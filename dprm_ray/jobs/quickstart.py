@@ -30,7 +30,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -38,6 +38,7 @@ from dprm_ray.config import MISSING, ConfigError
 from dprm_ray.jobs.runner import EXIT_FAILED, Command, Job, run_job
 
 REPO = Path(__file__).resolve().parents[2]
+PRESETS = REPO / "configs" / "quickstart"  # one YAML per size
 EMPTY_RESPONSE = "(empty response)"
 NAMED = (
     "smollm2",
@@ -54,7 +55,8 @@ class QuickstartConfig:
         default="default",
         metadata={
             "help": "default (SmolLM2, vLLM, MiniLM; ~30 min on 2 cores) | tiny (random tiny "
-            "models, a few minutes; CI). The keys below left at ''/0 take the size's value"
+            "models, a few minutes; CI). The keys below left at ''/0/null take the size's value "
+            "from configs/quickstart/<size>.yaml"
         },
     )
     policy: str = field(default="", metadata={"help": "policy model spec"})
@@ -141,85 +143,33 @@ class Plan:
     concurrent: tuple[str, ...]
 
 
-SIZES: dict[str, dict[str, Any]] = {
-    "default": {
-        "policy": "smollm2",
-        "judge": "smollm2",
-        "judge_backend": "vllm",
-        "crowd": "gold",
-        "encoder": "minilm",
-        "engine": "vllm",
-        "train_prompts": 48,
-        "responses_per_prompt": 4,
-        "max_new_tokens": 48,
-        "personas_per_item": 4,
-        "reward_epochs": 30,
-        "ppo_steps": 12,
-        "prompts_per_step": 4,  # x 2 samples each (train_policy_args)
-        "eval_prompts": 16,
-        "eval_seeds": 3,
-        # Two 1-CPU vLLM judges (see generate's cpus_per_worker for why not one with 2 CPUs).
-        "annotate_args": ("pool.max_actors=2", "pool.cpus_per_actor=1", "pool.batch_size=8"),
-        "train_reward_args": ("optim.batch_size=16",),
-        # What moves SmolLM2 within the budget: LoRA lr 5e-4 (5e-5 left 38 of 48 held-out
-        # answers word for word the untrained policy's), a lighter KL penalty, and RLOO over
-        # two samples of each prompt: GAE with a batch-wide baseline moved the gold score by
-        # +0.04 (t = 0.75) at the same cost, since whether a prompt invites harm decides most of
-        # its reward and every answer to such a prompt looked bad. Chunks of 4 (vLLM batches).
-        "train_policy_args": (
-            "eval_size=4",
-            "chunk_size=4",
-            "learner.optim.lr=5e-4",
-            "ppo.kl_coef=0.02",
-            "ppo.advantage=rloo",
-            "ppo.samples_per_prompt=2",
-        ),
-        "concurrent": ("reward",),  # two 1-CPU trainings; a PPO run takes both CPUs
-    },
-    "tiny": {
-        "policy": "tiny",
-        "judge": "tiny",
-        "judge_backend": "transformers",
-        "crowd": "gold",
-        "encoder": "tiny-encoder",
-        "engine": "transformers",
-        "train_prompts": 8,
-        "responses_per_prompt": 3,  # gold votes tie often; 3 answers give BT enough pairs
-        "max_new_tokens": 8,
-        "personas_per_item": 4,
-        "reward_epochs": 3,
-        "ppo_steps": 2,
-        "prompts_per_step": 4,
-        "eval_prompts": 4,
-        "eval_seeds": 2,
-        "annotate_args": ("judge.max_tokens=2048", "pool.max_actors=1", "pool.batch_size=16"),
-        "train_reward_args": ("optim.batch_size=4", "backbone.max_length=128"),
-        "train_policy_args": (
-            "eval_size=2",
-            "ppo.advantage=rloo",
-            "ppo.samples_per_prompt=2",
-            "learner.lora.enabled=false",
-            "learner.optim.lr=1e-3",
-            "ppo.mini_batch_size=4",
-            "ppo.max_length=160",
-            "rollout.max_prompt_tokens=128",
-            "rollout.cpus_per_worker=0.25",
-            "reward.max_length=160",
-            "reward.num_shards=1",
-            "reward.cpus_per_shard=0.25",
-            "learner.cpus_per_rank=0.5",
-        ),
-        "concurrent": ("reward", "ppo"),  # each PPO run takes 1 CPU here
-    },
-}
+def preset(size: str) -> dict[str, Any]:
+    """The values `size` gives the keys left unset: configs/quickstart/<size>.yaml, which sets
+    every key of `Plan` but size, reward_models and seed."""
+    from omegaconf import OmegaConf
+    from omegaconf.errors import OmegaConfBaseException
+
+    sizes = sorted(p.stem for p in PRESETS.glob("*.yaml"))
+    if size not in sizes:
+        raise ConfigError(f"size: unknown size '{size}' (choose one of: {', '.join(sizes)})")
+    path = PRESETS / f"{size}.yaml"
+    raw = OmegaConf.load(path)
+    keys = [f.name for f in fields(Plan) if f.name not in ("size", "reward_models", "seed")]
+    if sorted(raw) != sorted(keys):
+        raise ConfigError(f"{path}: must set exactly the keys {', '.join(keys)}")
+    try:  # QuickstartConfig's types, so a wrong value fails naming its key
+        values = OmegaConf.to_container(
+            OmegaConf.merge(OmegaConf.structured(QuickstartConfig), raw)
+        )
+    except OmegaConfBaseException as exc:
+        raise ConfigError(f"{path}: {exc}") from None
+    return {k: tuple(values[k]) if isinstance(values[k], list) else values[k] for k in keys}
 
 
 def resolve(cfg: QuickstartConfig) -> Plan:
     from dprm_ray.report import REWARD_MODELS
 
-    if cfg.size not in SIZES:
-        raise ConfigError(f"size: unknown size '{cfg.size}' (choose one of: {', '.join(SIZES)})")
-    values = dict(SIZES[cfg.size])
+    values = preset(cfg.size)
     for key in values:
         set_value = getattr(cfg, key)
         if key.endswith("_args"):
