@@ -63,8 +63,8 @@ def run_seed(args: argparse.Namespace, seed: int, out: Path) -> float:
 
 def summarise(args: argparse.Namespace, seconds: dict[int, float]) -> dict:
     sys.path.insert(0, str(REPO))
-    from dprm_ray.jobs.quickstart import METHODS, eval_gold, eval_shares
     from dprm_ray.labels import hh6
+    from dprm_ray.report import METHODS, eval_gold, eval_shares
 
     per_seed = {s: eval_gold(args.out / f"seed-{s}") for s in args.seeds}
     judged = {s: eval_shares(args.out / f"seed-{s}")["stats"] for s in args.seeds}

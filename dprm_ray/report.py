@@ -5,14 +5,20 @@ held-out prompts that the persona judge puts in each category of the label space
 over the sampling seeds; then the PPO runs' reward and KL curves, the configs used and how long
 each stage took. Pure NumPy + matplotlib (the object API with the Agg canvas, so no pyplot
 state), no Ray.
+
+The figures come from a quickstart output folder (`eval_gold`, `eval_shares`,
+`identical_answers`, `build_report`): the quickstart job only orchestrates the stages that
+write it.
 """
 
 from __future__ import annotations
 
 import html
+import json
 import math
+import time
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -371,3 +377,225 @@ def write_report(report: Report, out_dir: str | Path) -> Path:
             images.append(CURVES_PNG)
         (tmp / "index.html").write_text(render_html(report, images), encoding="utf-8")
     return out / "index.html"
+
+
+# ----------------------------------------------------------------------------- the quickstart's figures
+# Pure functions over a quickstart output folder (<out>/eval/*.parquet, <out>/ppo-*/...).
+
+METHODS = {  # eval key -> name in the report (the paper's Table 2 names), in table order
+    "vanilla": "Vanilla",
+    "bt": "PPO + BT-RM",
+    "dprm_c": "PPO + DPRM_C",
+    "dprm_w": "PPO + DPRM_W",
+    "dprm_ot": "PPO + DPRM_OT",
+}
+REWARD_MODELS = {  # `reward_models` entry (train-reward loss.kind) -> (eval key, model name)
+    "bt": ("bt", "Bradley-Terry"),
+    "ce": ("dprm_c", "DPRM_C"),
+    "w1": ("dprm_w", "DPRM_W"),
+    "ot": ("dprm_ot", "DPRM_OT"),
+}
+
+
+def write_gold(responses: Path, output: Path) -> None:
+    """Every answer's exact gold distribution and the properties it was judged from."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from dprm_ray.data import atomic_path
+    from dprm_ray.gold import GoldPopulation, properties
+    from dprm_ray.labels import hh6
+
+    gold = GoldPopulation()
+    rows = []
+    for r in pq.read_table(responses).to_pylist():
+        measured = properties(r["prompt"], r["response"])
+        dist = gold.mixture(measured)
+        rows.append(
+            {
+                "prompt_id": r["prompt_id"],
+                "policy": r["policy"],
+                "step": int(r["step"]),
+                "gold": dist.tolist(),
+                "gold_score": float(dist @ np.array(hh6.scores)),
+                **asdict(measured),
+            }
+        )
+    with atomic_path(output) as tmp:
+        pq.write_table(pa.Table.from_pylist(rows), tmp)
+
+
+def read_json(path: Path) -> dict[str, Any]:
+    return json.loads(path.read_text()) if path.is_file() else {}
+
+
+def eval_shares(out: Path) -> dict[str, Any]:
+    """Per policy, ShareStats of the judged held-out answers (category = posterior argmax)."""
+    import pyarrow.parquet as pq
+
+    from dprm_ray.judge import row_key
+    from dprm_ray.labels import hh6
+
+    judged = {
+        r["row_key"]: int(np.argmax(r["posterior"]))
+        for r in pq.read_table(out / "eval" / "annotations.parquet").to_pylist()
+    }
+    by_policy: dict[str, dict[int, list[int]]] = {}
+    unjudged = 0
+    for r in pq.read_table(out / "eval" / "responses.parquet").to_pylist():
+        cat = judged.get(row_key(r["prompt"], r["response"]))
+        if cat is None:  # rejected by the judge (e.g. too long): not counted
+            unjudged += 1
+            continue
+        by_policy.setdefault(r["policy"], {}).setdefault(int(r["step"]), []).append(cat)
+    stats = {
+        name: share_stats(by_policy[key], hh6.num_labels)
+        for key, name in METHODS.items()
+        if key in by_policy
+    }
+    return {"stats": stats, "unjudged": unjudged}
+
+
+def eval_gold(out: Path) -> dict[str, Any]:
+    """Per policy (report name), GoldStats of its held-out answers."""
+    import pyarrow.parquet as pq
+
+    from dprm_ray.labels import hh6
+
+    answers: dict[str, list[tuple[str, int, Any]]] = {}
+    for r in pq.read_table(out / "eval" / "gold.parquet").to_pylist():
+        answers.setdefault(r["policy"], []).append((r["prompt_id"], r["step"], np.array(r["gold"])))
+    return {
+        name: gold_stats(answers[key], hh6.scores)
+        for key, name in METHODS.items()
+        if key in answers
+    }
+
+
+SIGNALS = {  # report name -> the reward signal that policy's PPO run maximised
+    "Vanilla": "none (the untrained policy)",
+    "PPO + BT-RM": "BT scalar reward (pairs of crowd-labelled answers)",
+    "PPO + DPRM_C": "DPRM_C (cross-entropy) expected hh6 score (crowd distributions)",
+    "PPO + DPRM_W": "DPRM_W (Wasserstein-1) expected hh6 score (crowd distributions)",
+    "PPO + DPRM_OT": "DPRM_OT expected hh6 score (crowd distributions)",
+}
+
+
+def identical_answers(out: Path) -> dict[str, tuple[int, int]]:
+    """Per PPO policy: (answers equal to Vanilla's for the same prompt and seed, answers)."""
+    import pyarrow.parquet as pq
+
+    answers: dict[str, dict[tuple[str, int], str]] = {}
+    for r in pq.read_table(out / "eval" / "responses.parquet").to_pylist():
+        answers.setdefault(r["policy"], {})[(r["prompt_id"], r["step"])] = r["response"]
+    base = answers.get("vanilla", {})
+    return {
+        key: (sum(base.get(k) == v for k, v in answers[key].items()), len(answers[key]))
+        for key in METHODS
+        if key in answers and key != "vanilla"
+    }
+
+
+def _ppo_estimator(config_file: Path) -> str:
+    """' x N samples (rloo advantages)' from a train-policy run's resolved config ('' if none)."""
+    if not config_file.is_file():
+        return ""
+    from omegaconf import OmegaConf
+
+    ppo = OmegaConf.load(config_file).ppo
+    return f" x {ppo.samples_per_prompt} samples ({ppo.advantage} advantages)"
+
+
+def build_report(plan: Mapping[str, Any], out: Path, timings: list[tuple[str, str, float]]) -> Path:
+    """<out>/report from the quickstart's output folder, its resolved plan (the fields of
+    `quickstart.Plan`) and each stage's (name, status, seconds)."""
+    from dprm_ray.labels import hh6
+
+    shares = eval_shares(out)
+    gold = eval_gold(out)
+    curves, summary = {}, {}
+    for kind in plan["reward_models"]:
+        name = METHODS[REWARD_MODELS[kind][0]]
+        folder = out / f"ppo-{kind}"
+        steps = folder / "steps.jsonl"
+        if steps.is_file():
+            curves[name] = [json.loads(line) for line in steps.read_text().splitlines() if line]
+        metrics = read_json(folder / "metrics.json")
+        if metrics:
+            summary[name] = {
+                "reward before": metrics["before"]["reward_mean"],
+                "reward after": metrics["after"]["reward_mean"],
+                "length before": metrics["before"].get("response_length", float("nan")),
+                "length after": metrics["after"].get("response_length", float("nan")),
+                "final KL": metrics.get("last_step", {}).get("kl", float("nan")),
+            }
+    configs = {"quickstart plan": _yaml(dict(plan))}
+    subs = [("annotate (train answers)", "annotations-job")]
+    subs += [(f"train-reward {REWARD_MODELS[k][1]}", f"rm-{k}") for k in plan["reward_models"]]
+    subs += [(f"train-policy vs {REWARD_MODELS[k][1]}", f"ppo-{k}") for k in plan["reward_models"]]
+    subs += [("annotate (held-out answers)", "eval/annotations-job")]
+    for label, sub in subs:
+        path = out / sub / "config.yaml"
+        if path.is_file():
+            configs[label] = path.read_text()
+    facts = {
+        "size": plan["size"],
+        "policy": plan["policy"],
+        "reward data labelled by": (
+            f"{plan['personas_per_item']} people per answer sampled from the gold population"
+            if plan["crowd"] == "gold"
+            else f"{plan['judge_backend']}:{plan['judge']}, {plan['personas_per_item']} personas/answer"
+        ),
+        "judge (second view)": f"{plan['judge_backend']}:{plan['judge']}, hh6",
+        "reward models": ", ".join(REWARD_MODELS[k][1] for k in plan["reward_models"])
+        + f" on frozen {plan['encoder']} (seed {plan['seed']})",
+        "reward data": f"{plan['train_prompts']} train prompts x {plan['responses_per_prompt']} answers",
+        "PPO": f"{plan['ppo_steps']} steps x {plan['prompts_per_step']} prompts"
+        + _ppo_estimator(out / f"ppo-{plan['reward_models'][0]}" / "config.yaml")
+        + f", {plan['engine']} rollouts",
+        "evaluation": f"{plan['eval_prompts']} held-out prompts x {plan['eval_seeds']} seeds",
+        "written": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+    }
+    notes = []
+    same = identical_answers(out)
+    if same:
+        notes.append(
+            "Answers identical to the untrained policy's (the same sampling seed and prompt): "
+            + "; ".join(f"{METHODS[k]} {n} of {total}" for k, (n, total) in same.items())
+            + ". With shared sampling seeds an answer changes only where the PPO update tips a "
+            "sampled token."
+        )
+    if shares["unjudged"]:
+        notes.append(f"{shares['unjudged']} held-out answers were rejected by the judge.")
+    notes.append(
+        "PPO rewards are each under its own reward model (DPRM_OT: expected hh6 score; BT: "
+        "a scalar), so their scales differ; the tables above use the gold population and the "
+        "judge alone."
+    )
+    if plan["size"] == "tiny":
+        notes.append(
+            "size=tiny: random tiny models; the figures test the pipeline, not the methods."
+        )
+    report = Report(
+        title="dprm-ray quickstart: "
+        + " vs ".join(REWARD_MODELS[k][1] for k in plan["reward_models"]),
+        labels=list(hh6.labels),
+        scores=list(hh6.scores),
+        shares=shares["stats"],
+        curves=curves,
+        facts=facts,
+        ppo_summary=summary,
+        timings=timings,
+        configs=configs,
+        notes=notes,
+        gold=gold,
+        gold_base=METHODS["vanilla"],
+        signals=SIGNALS,
+    )
+    return write_report(report, out / "report")
+
+
+def _yaml(data: dict[str, Any]) -> str:
+    from omegaconf import OmegaConf
+
+    return OmegaConf.to_yaml(OmegaConf.create(data))

@@ -179,9 +179,8 @@ READERS: dict[str, tuple[Callable[[Path, Path, Path], list[str]], set[str]]] = {
         lambda f, out, rm: ["crowd", f"data={f}", "judge.model=tiny", f"output_dir={out}"],
         set(),
     ),
-    "quickstart generate": (
+    "generate": (
         lambda f, out, rm: [
-            "generate",
             f"prompts={f}",
             "models=[tiny]",
             f"output={out}/g.parquet",
@@ -352,11 +351,7 @@ def test_output_dir_that_is_a_file_exits_2(tmp_path, capsys):
         ("distill", ["precompute", "data={good}", "out={folder}"], "out"),
         ("data", ["persona-crowd", "out={folder}"], "out"),
         ("data", ["persona-users", "out_dir={tmp}/file.txt"], "out_dir"),
-        (
-            "quickstart",
-            ["generate", "prompts={good}", "models=[tiny]", "output={folder}"],
-            "output",
-        ),
+        ("generate", ["prompts={good}", "models=[tiny]", "output={folder}"], "output"),
     ],
 )
 def test_output_file_that_is_a_folder_exits_2(tmp_path, capsys, job_name, args, key):

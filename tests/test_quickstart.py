@@ -9,9 +9,9 @@ import pytest
 from conftest import run_cli
 from PIL import Image
 
-from dprm_ray.jobs.quickstart import METHODS, QuickstartConfig, resolve
+from dprm_ray.jobs.quickstart import QuickstartConfig, resolve
 from dprm_ray.labels import hh6
-from dprm_ray.report import Report, gold_stats, render_html, share_stats, write_report
+from dprm_ray.report import METHODS, Report, gold_stats, render_html, share_stats, write_report
 
 
 def test_share_stats_mean_and_std_over_seeds():
@@ -153,6 +153,21 @@ def test_sizes_resolve_and_explicit_keys_win():
         resolve(cfg(size="huge"))
     with pytest.raises(ConfigError, match="responses_per_prompt"):
         resolve(cfg(responses_per_prompt=1))
+
+
+def test_each_size_is_one_yaml_that_sets_every_key():
+    from dataclasses import fields
+
+    from dprm_ray.jobs.quickstart import PRESETS, Plan, preset
+
+    sizes = sorted(p.stem for p in PRESETS.glob("*.yaml"))
+    assert sizes == ["default", "tiny"]
+    keys = {f.name for f in fields(Plan)} - {"size", "reward_models", "seed"}
+    for size in sizes:
+        assert set(preset(size)) == keys
+        # Both sizes train with RLOO over two samples of each prompt.
+        args = preset(size)["train_policy_args"]
+        assert "ppo.advantage=rloo" in args and "ppo.samples_per_prompt=2" in args
 
 
 def test_quickstart_size_key_is_accepted_and_bad_sizes_fail_before_ray(tmp_path):

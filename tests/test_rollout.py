@@ -58,8 +58,7 @@ def test_sampling_is_seeded_by_seed_step_and_prompt():
 def test_restarted_worker_reports_stale_weights_and_sync_times_out(ray_local):
     import ray
 
-    from dprm_ray.actors.rollout import rollout_worker_actor
-    from dprm_ray.jobs.train_policy import RolloutPool, sync_weights
+    from dprm_ray.actors.rollout import RolloutPool, rollout_worker_actor, sync_weights
 
     cfg = RolloutConfig(
         engine="transformers", num_workers=1, cpus_per_worker=0.25, max_new_tokens=4

@@ -17,6 +17,7 @@ from typing import Any
 
 import ray
 
+from dprm_ray.actors.dispatch import least_loaded
 from dprm_ray.policy_training import RewardConfig
 
 
@@ -90,15 +91,9 @@ class ShardedReward:
         self.labels = ray.get([s.label_names.remote() for s in self.shards])[0]
         return self.labels
 
-    def least_loaded(self, avoid: int | None = None) -> int:
-        order = sorted(range(len(self.shards)), key=lambda i: (self.in_flight[i], i))
-        if avoid is not None and len(order) > 1:
-            order.remove(avoid)
-        return order[0]
-
     def submit(self, rollouts: Any, avoid: int | None = None) -> tuple[ray.ObjectRef, int]:
         """Score `rollouts` (a list or an ObjectRef of one) on the least-loaded shard."""
-        index = self.least_loaded(avoid)
+        index = least_loaded(self.in_flight, range(len(self.shards)), avoid)
         self.in_flight[index] += 1
         return self.shards[index].score.remote(rollouts), index
 

