@@ -11,6 +11,9 @@ mean-pooled embeddings are computed once and cached (`backbone=None`: the model 
 A saved reward model is a folder: `reward_model.json` (type, label space, pooling, backbone spec),
 `head.safetensors`, and `backbone/` (HF save_pretrained) when the backbone was trained; a frozen
 backbone is stored as its spec (e.g. `minilm`) since its weights did not change.
+
+`dprm_ray.models` (which imports transformers, seconds) is imported inside the functions that load
+a backbone, so importing this module, e.g. for a trainer's config, stays fast.
 """
 
 from __future__ import annotations
@@ -215,7 +218,6 @@ def _reward_config(folder: Path) -> dict[str, Any]:
 
 def load_reward_model(path: str | Path, with_backbone: bool = True) -> tuple[RewardModel, Any]:
     """Load a saved reward model folder -> (model in eval mode, tokenizer)."""
-    from dprm_ray.labels import LabelSpace
     from dprm_ray.models import load_model
 
     folder = Path(path)
