@@ -12,8 +12,7 @@ from dprm_ray.data import DataError, load_rows, write_rows
 from dprm_ray.distill import DistillLossConfig, load_distill_data
 from dprm_ray.models import load_model
 from dprm_ray.policy import score_responses
-from dprm_ray.reward_models import build_reward_model
-from dprm_ray.reward_training import RewardData, predict
+from dprm_ray.reward_models import RewardData, build_reward_model, predict
 
 
 def write_pairs(path, n=40):

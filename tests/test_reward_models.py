@@ -145,7 +145,8 @@ def test_saved_model_folder_gets_the_usual_permissions_not_mkdtemps_0700(tmp_pat
 def test_bootstrap_resamples_with_replacement_deterministically():
     import numpy as np
 
-    from dprm_ray.reward_training import RewardData, bootstrap_resample
+    from dprm_ray.reward_models import RewardData
+    from dprm_ray.reward_training import bootstrap_resample
 
     data = RewardData(
         [f"p{i}" for i in range(50)],

@@ -112,8 +112,7 @@ def steps_log(out: Path) -> list[dict]:
 
 
 def test_planted_reward_rises_with_lowercase_share(tmp_path):
-    from dprm_ray.reward_models import load_reward_model
-    from dprm_ray.reward_training import RewardData, predict
+    from dprm_ray.reward_models import RewardData, load_reward_model, predict
 
     model, tok = load_reward_model(planted_reward(tmp_path / "rm"))
     data = RewardData(["Q: SAY"] * 3, ["XYZ 123", "mixed Case", "all lowercase words"])

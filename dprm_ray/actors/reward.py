@@ -33,7 +33,7 @@ class RewardShard:
         self.labels = list(space.labels) if space is not None else []
 
     def score(self, rollouts: list[dict[str, Any]]) -> list[dict[str, Any]]:
-        from dprm_ray.reward_training import RewardData, predict
+        from dprm_ray.reward_models import RewardData, predict
 
         start = time.perf_counter()
         data = RewardData([r["prompt"] for r in rollouts], [r["response"] for r in rollouts])

@@ -40,8 +40,9 @@ def evaluate_reward(cfg: EvaluateRewardConfig) -> dict:
         DistributionalRewardModel,
         cached_embeddings,
         load_reward_model,
+        predict,
     )
-    from dprm_ray.reward_training import TargetConfig, evaluate, load_reward_data, predict
+    from dprm_ray.reward_training import TargetConfig, evaluate, load_reward_data
 
     if is_pal_dir(cfg.model):
         return _evaluate_pal(cfg)
