@@ -111,7 +111,8 @@ def test_precompute_with_an_ensemble_then_distill_with_deepspeed(tmp_path):
 def test_lora_policy_trains_adapters_only_and_saves_merged(tmp_path):
     from omegaconf import OmegaConf
 
-    from dprm_ray.distill import DistillConfig, build_policy, save_policy
+    from dprm_ray.distill import DistillConfig, build_policy
+    from dprm_ray.policy import save_policy
 
     cfg = OmegaConf.merge(
         OmegaConf.structured(DistillConfig),
