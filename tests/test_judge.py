@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from dprm_ray.config import ConfigError
-from dprm_ray.crowd import aggregate
+from dprm_ray.crowd import aggregate, update_with_votes
 from dprm_ray.judge import (
     JudgeBackendError,
     JudgeConfig,
@@ -15,7 +15,6 @@ from dprm_ray.judge import (
     check_judge_config,
     choose_personas,
     load_personas,
-    update_with_votes,
 )
 from dprm_ray.openai_server import make_server
 
