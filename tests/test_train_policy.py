@@ -18,7 +18,7 @@ from safetensors.torch import load_file
 from dprm_ray.data import DataError
 from dprm_ray.labels import likert5
 from dprm_ray.models import load_model
-from dprm_ray.policy_training import (
+from dprm_ray.ppo_run import (
     category_shares,
     latest_checkpoint,
     load_prompts,
@@ -167,7 +167,7 @@ def test_ppo_raises_a_planted_reward(ray_local, tmp_path):
     scheduled prompts exactly once; metrics.json has the held-out shares before and after."""
     from dprm_ray.config import load_config
     from dprm_ray.jobs.train_policy import train_policy
-    from dprm_ray.policy_training import TrainPolicyConfig
+    from dprm_ray.ppo_run import TrainPolicyConfig
 
     cfg = load_config(TrainPolicyConfig, None, ppo_config(tmp_path, steps=20))
     metrics = train_policy(cfg)
@@ -200,7 +200,7 @@ def test_lost_rollout_worker_and_reward_shard_lose_no_prompt(ray_local, tmp_path
 
     from dprm_ray.config import load_config
     from dprm_ray.jobs.train_policy import train_policy
-    from dprm_ray.policy_training import TrainPolicyConfig
+    from dprm_ray.ppo_run import TrainPolicyConfig
 
     killed = []
 
@@ -283,7 +283,7 @@ def test_presets_load_validate_and_fill_their_nodes(preset, gpus):
     from omegaconf import OmegaConf
 
     from dprm_ray.config import load_config
-    from dprm_ray.policy_training import TrainPolicyConfig
+    from dprm_ray.ppo_run import TrainPolicyConfig
 
     cfg = load_config(TrainPolicyConfig, REPO / "configs" / preset, ["reward.model=rm"])
     typed = OmegaConf.to_object(cfg)
@@ -305,7 +305,7 @@ def test_ppo_steps_with_vllm_cpu_rollouts(ray_local, tmp_path):
 
     from dprm_ray.config import load_config
     from dprm_ray.jobs.train_policy import train_policy
-    from dprm_ray.policy_training import TrainPolicyConfig
+    from dprm_ray.ppo_run import TrainPolicyConfig
 
     model = tiny_folder(tmp_path / "tiny256")
     args = ppo_config(

@@ -17,7 +17,7 @@ from typing import Any
 
 import ray
 
-from dprm_ray.policy_training import RewardConfig
+from dprm_ray.ppo_run import RewardConfig
 
 
 class RewardShard:

@@ -941,7 +941,7 @@ def generate(cfg: GenerateConfig) -> dict:
 
     from dprm_ray.actors.rollout import rollout_worker_actor
     from dprm_ray.data import write_rows
-    from dprm_ray.policy_training import load_prompts
+    from dprm_ray.ppo_run import load_prompts
     from dprm_ray.rollout import RolloutConfig
 
     names = list(cfg.names) or list(cfg.models)

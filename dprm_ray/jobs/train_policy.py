@@ -30,7 +30,7 @@ from typing import Any
 
 from dprm_ray.config import ConfigError
 from dprm_ray.jobs.runner import Command, Job, run_job
-from dprm_ray.policy_training import (
+from dprm_ray.ppo_run import (
     STATE_FILE,
     TrainPolicyConfig,
     latest_checkpoint,
