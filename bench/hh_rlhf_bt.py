@@ -90,8 +90,9 @@ def train_accuracy(model_dir: Path, train_path: Path, max_length: int) -> float:
     import torch
 
     from dprm_ray.labels import get_label_space
+    from dprm_ray.reward_config import TargetConfig
     from dprm_ray.reward_models import cached_embeddings, load_reward_model
-    from dprm_ray.reward_training import TargetConfig, load_reward_data
+    from dprm_ray.reward_training import load_reward_data
 
     data = load_reward_data(str(train_path), get_label_space("hh6"), TargetConfig())
     emb = cached_embeddings(

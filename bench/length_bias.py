@@ -39,8 +39,7 @@ METHODS = {"DPO": ["loss.kind=dpo"], "e-DPO": ["loss.kind=edpo"], "d-DPO": ["los
 
 
 def oracle_scores(model_dir: Path, prompts: list[str], responses: list[str], max_length: int):
-    from dprm_ray.reward_models import cached_embeddings, load_reward_model
-    from dprm_ray.reward_training import RewardData, predict
+    from dprm_ray.reward_models import RewardData, cached_embeddings, load_reward_model, predict
 
     model, tok = load_reward_model(model_dir, with_backbone=False)
     kind = "causal-lm" if model.pooling == "last" else "encoder"

@@ -63,7 +63,7 @@ def ppo_overrides(args, reward: Path, out: Path) -> list[str]:
 def distributed(args, reward: Path, out: Path) -> dict[str, float]:
     from dprm_ray.config import load_config
     from dprm_ray.jobs.train_policy import train_policy
-    from dprm_ray.policy_training import TrainPolicyConfig
+    from dprm_ray.ppo_run import TrainPolicyConfig
 
     cfg = load_config(
         TrainPolicyConfig, REPO / "configs" / "ppo.yaml", ppo_overrides(args, reward, out)
@@ -101,7 +101,7 @@ def one_process(args, reward: Path) -> dict[str, float]:
     from dprm_ray.actors.reward import RewardShard
     from dprm_ray.config import load_config
     from dprm_ray.learner import PPOLearner, configure_deepspeed_env
-    from dprm_ray.policy_training import (
+    from dprm_ray.ppo_run import (
         TrainPolicyConfig,
         load_prompts,
         prompt_items,

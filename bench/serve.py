@@ -103,7 +103,7 @@ def http_load(url: str, requests: list[list[dict]], clients: int) -> tuple[float
 
 def in_process(model, tok, requests: list[list[dict]], max_length: int) -> tuple[float, np.ndarray]:
     """(seconds, per-call latencies) of `predict`, one call per request."""
-    from dprm_ray.reward_training import RewardData, predict
+    from dprm_ray.reward_models import RewardData, predict
 
     latencies = np.zeros(len(requests))
     start = time.perf_counter()

@@ -25,6 +25,7 @@ __all__ = [
     "dirichlet_posterior",
     "smooth_target",
     "update_alpha",
+    "update_with_votes",
     "vote_counts",
 ]
 
@@ -185,3 +186,23 @@ def aggregate(
     posterior = dirichlet_posterior(p, counts, kappa)
     target = smooth_target(posterior, eps, prior=p)
     return {"counts": counts, "posterior": posterior, "target": target}
+
+
+def update_with_votes(
+    prior: np.ndarray,
+    old_votes: list[int],
+    new_votes: list[int],
+    kappa: float,
+    eps: float,
+    gamma: float = 1.0,
+) -> dict[str, np.ndarray]:
+    """Add new votes to an item's Dirichlet (old evidence scaled by `gamma`); new posterior/target.
+
+    The Dirichlet is rebuilt from the stored prior and votes (alpha = kappa * prior + counts), so
+    with gamma = 1 this equals annotating once with all the votes.
+    """
+    k = len(prior)
+    alpha = dirichlet_alpha(prior, vote_counts(old_votes, k), kappa)
+    alpha = update_alpha(alpha, vote_counts(new_votes, k), gamma)
+    posterior = dirichlet_mean(alpha)
+    return {"posterior": posterior, "target": smooth_target(posterior, eps, prior=prior)}

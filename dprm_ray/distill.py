@@ -19,6 +19,15 @@ import torch
 
 from dprm_ray.config import MISSING
 from dprm_ray.losses import OFFLINE_LOSSES, offline_policy_loss
+from dprm_ray.policy import (
+    LoraConfig,
+    generate,
+    save_policy,
+    score_responses,
+    sequence_logprobs,
+    tokenize_responses,
+    with_lora,
+)
 from dprm_ray.training import (
     OptimConfig,
     ScaleConfig,
@@ -45,15 +54,6 @@ class DistillLossConfig:
     per_example: bool = field(
         default=False, metadata={"help": "e-DPO: min over the ensemble per example, not per batch"}
     )
-
-
-@dataclass
-class LoraConfig:
-    enabled: bool = False
-    r: int = field(default=8, metadata={"min": 1})
-    alpha: int = field(default=16, metadata={"min": 1})
-    dropout: float = field(default=0.0, metadata={"min": 0, "below": 1})
-    target_modules: list[str] = field(default_factory=lambda: ["q_proj", "v_proj"])
 
 
 @dataclass
@@ -155,8 +155,6 @@ def _policy_logps(
     module: Any, tokenizer: Any, data: DistillData, idx: np.ndarray, max_length: int
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """log pi(chosen), log pi(rejected) for the pairs `idx`, in one forward pass."""
-    from dprm_ray.policy import sequence_logprobs, tokenize_responses
-
     prompts = data.column("prompt", idx)
     responses = data.column("chosen", idx) + data.column("rejected", idx)
     batch = tokenize_responses(tokenizer, prompts + prompts, responses, max_length)
@@ -171,8 +169,6 @@ def _batch_loss(
     idx: np.ndarray,
     cfg: DistillConfig,
 ) -> tuple[torch.Tensor, dict[str, float], torch.Tensor, torch.Tensor]:
-    from dprm_ray.policy import sequence_logprobs, tokenize_responses
-
     pi_c, pi_r = _policy_logps(module, tokenizer, data, idx, cfg.max_length)
     ref_c = torch.tensor(data.column("ref_chosen_logp", idx), dtype=torch.float32)
     ref_r = torch.tensor(data.column("ref_rejected_logp", idx), dtype=torch.float32)
@@ -207,25 +203,6 @@ def build_policy(cfg: DistillConfig) -> tuple[Any, Any]:
 
     model, tokenizer = load_model(cfg.policy, kind="causal-lm")
     return with_lora(model, cfg.lora), tokenizer
-
-
-def with_lora(model: Any, lora: LoraConfig) -> Any:
-    """The model with peft LoRA adapters (only those train), or the model itself if disabled."""
-    if not lora.enabled:
-        return model
-    from peft import LoraConfig as PeftLoraConfig
-    from peft import get_peft_model
-
-    return get_peft_model(
-        model,
-        PeftLoraConfig(
-            r=lora.r,
-            lora_alpha=lora.alpha,
-            lora_dropout=lora.dropout,
-            target_modules=list(lora.target_modules),
-            task_type="CAUSAL_LM",
-        ),
-    )
 
 
 def distill_worker(
@@ -291,17 +268,6 @@ def distill_worker(
     return metrics
 
 
-def save_policy(module: Any, tokenizer: Any, path: Path) -> None:
-    """A plain HF folder (LoRA adapters merged in), loadable by the model loader."""
-    from dprm_ray.data import atomic_dir
-
-    if hasattr(module, "merge_and_unload"):
-        module = module.merge_and_unload()
-    with atomic_dir(path) as tmp:
-        module.save_pretrained(tmp)
-        tokenizer.save_pretrained(tmp)
-
-
 def evaluate_policy_on_pairs(
     module: Any, tokenizer: Any, held: DistillData, cfg: DistillConfig, rank: int, world: int
 ) -> dict[str, Any]:
@@ -312,7 +278,6 @@ def evaluate_policy_on_pairs(
     reverse KL(pi || ref) = E_pi[log pi - log ref] on fresh policy samples of a few prompts.
     """
     from dprm_ray.models import load_model
-    from dprm_ray.policy import generate, score_responses
 
     n = len(held.rows)
     per_rank = -(-n // world)

@@ -31,14 +31,7 @@ from typing import Any, Protocol
 import numpy as np
 
 from dprm_ray.config import ConfigError, check_ranges
-from dprm_ray.crowd import (
-    aggregate,
-    dirichlet_alpha,
-    dirichlet_mean,
-    smooth_target,
-    update_alpha,
-    vote_counts,
-)
+from dprm_ray.crowd import aggregate
 from dprm_ray.labels import LabelSpace, get_label_space
 
 CATALOG = Path(__file__).parent / "catalog" / "personas.yaml"
@@ -636,26 +629,3 @@ def make_backend(cfg: JudgeConfig, sample_prompt: str, options: list[str]) -> Ju
     raise ConfigError(
         f"judge.backend: unknown backend '{cfg.backend}' (transformers, vllm, openai)"
     )
-
-
-# ----------------------------------------------------------------------------- updates
-
-
-def update_with_votes(
-    prior: np.ndarray,
-    old_votes: list[int],
-    new_votes: list[int],
-    kappa: float,
-    eps: float,
-    gamma: float = 1.0,
-) -> dict[str, np.ndarray]:
-    """Add new votes to an item's Dirichlet (old evidence scaled by `gamma`); new posterior/target.
-
-    The Dirichlet is rebuilt from the stored prior and votes (alpha = kappa * prior + counts), so
-    with gamma = 1 this equals annotating once with all the votes.
-    """
-    k = len(prior)
-    alpha = dirichlet_alpha(prior, vote_counts(old_votes, k), kappa)
-    alpha = update_alpha(alpha, vote_counts(new_votes, k), gamma)
-    posterior = dirichlet_mean(alpha)
-    return {"posterior": posterior, "target": smooth_target(posterior, eps, prior=prior)}

@@ -24,7 +24,7 @@ import numpy as np
 import torch
 
 from dprm_ray.config import check_ranges
-from dprm_ray.distill import LoraConfig, save_policy, with_lora
+from dprm_ray.policy import LoraConfig, join, save_policy, with_lora
 from dprm_ray.ppo import (
     Experience,
     PPOConfig,
@@ -230,8 +230,6 @@ def rollout_token_ids(tokenizer: Any, rollout: dict[str, Any], index: int) -> tu
     if "prompt_ids" in rollout and "response_ids" in rollout:
         return list(rollout["prompt_ids"]), list(rollout["response_ids"])
     if "prompt" in rollout and "response" in rollout:
-        from dprm_ray.policy import join
-
         eos = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
         prompt = tokenizer(join(rollout["prompt"], ""), add_special_tokens=False)["input_ids"]
         full = tokenizer(join(rollout["prompt"], rollout["response"]), add_special_tokens=False)

@@ -243,16 +243,11 @@ def resolve_model(spec: str) -> str:
 def load_model(spec: str, kind: str = "causal-lm") -> tuple[PreTrainedModel, Any]:
     """Load (model, tokenizer) from a local folder, a .gguf file, a hub id or a named model.
 
-    A folder saved by a reward model (`reward_model.json`) loads as that reward model.
-
-    kind: "causal-lm" (AutoModelForCausalLM) or "encoder" (AutoModel, e.g. MiniLM).
+    kind: "causal-lm" (AutoModelForCausalLM) or "encoder" (AutoModel, e.g. MiniLM). Saved reward
+    model folders load through `dprm_ray.reward_models.load_reward_model`.
     """
     if kind not in ("causal-lm", "encoder"):
         raise ValueError(f"kind must be 'causal-lm' or 'encoder', got '{kind}'")
-    from dprm_ray.reward_models import is_reward_model_dir, load_reward_model
-
-    if is_reward_model_dir(spec):  # a saved reward model folder: (reward model, tokenizer)
-        return load_reward_model(spec)
     tiny = _parse_tiny(spec)
     if tiny is not None:
         base, seed = tiny

@@ -1,4 +1,5 @@
-"""Policy-side helpers: how a (prompt, response) becomes tokens, sequence log-probs, generation.
+"""Policy-side helpers: how a (prompt, response) becomes tokens, sequence log-probs, generation,
+LoRA adapters, and saving a trained policy as a plain HF folder.
 
 One convention everywhere (reference log-probs, training, sampling): the policy reads
 `prompt + sep + response + eos`, where sep is a space unless the prompt already ends in whitespace
@@ -9,6 +10,8 @@ One convention everywhere (reference log-probs, training, sampling): the policy 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -123,3 +126,45 @@ def generate(
     finally:
         tokenizer.padding_side, tokenizer.truncation_side = side, trunc
     return texts
+
+
+# --------------------------------------------------------------------------- LoRA, saving
+
+
+@dataclass
+class LoraConfig:
+    enabled: bool = False
+    r: int = field(default=8, metadata={"min": 1})
+    alpha: int = field(default=16, metadata={"min": 1})
+    dropout: float = field(default=0.0, metadata={"min": 0, "below": 1})
+    target_modules: list[str] = field(default_factory=lambda: ["q_proj", "v_proj"])
+
+
+def with_lora(model: Any, lora: LoraConfig) -> Any:
+    """The model with peft LoRA adapters (only those train), or the model itself if disabled."""
+    if not lora.enabled:
+        return model
+    from peft import LoraConfig as PeftLoraConfig
+    from peft import get_peft_model
+
+    return get_peft_model(
+        model,
+        PeftLoraConfig(
+            r=lora.r,
+            lora_alpha=lora.alpha,
+            lora_dropout=lora.dropout,
+            target_modules=list(lora.target_modules),
+            task_type="CAUSAL_LM",
+        ),
+    )
+
+
+def save_policy(module: Any, tokenizer: Any, path: Path) -> None:
+    """A plain HF folder (LoRA adapters merged in), loadable by the model loader."""
+    from dprm_ray.data import atomic_dir
+
+    if hasattr(module, "merge_and_unload"):
+        module = module.merge_and_unload()
+    with atomic_dir(path) as tmp:
+        module.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)

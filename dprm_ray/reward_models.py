@@ -11,17 +11,25 @@ mean-pooled embeddings are computed once and cached (`backbone=None`: the model 
 A saved reward model is a folder: `reward_model.json` (type, label space, pooling, backbone spec),
 `head.safetensors`, and `backbone/` (HF save_pretrained) when the backbone was trained; a frozen
 backbone is stored as its spec (e.g. `minilm`) since its weights did not change.
+
+`predict` scores `RewardData` (texts, or their cached embeddings) in batches: what training's
+evaluation, the reward shards, serving and pair scoring all call.
+
+`dprm_ray.models` (which imports transformers, seconds) is imported inside the functions that load
+a backbone, so importing this module, e.g. for a trainer's config, stays fast.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+from collections import defaultdict
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
@@ -215,7 +223,6 @@ def _reward_config(folder: Path) -> dict[str, Any]:
 
 def load_reward_model(path: str | Path, with_backbone: bool = True) -> tuple[RewardModel, Any]:
     """Load a saved reward model folder -> (model in eval mode, tokenizer)."""
-    from dprm_ray.labels import LabelSpace
     from dprm_ray.models import load_model
 
     folder = Path(path)
@@ -347,3 +354,56 @@ def cached_embeddings(
     with atomic_path(path) as tmp:
         torch.save(emb, tmp)
     return emb
+
+
+# --------------------------------------------------------------------------- scoring
+
+
+@dataclass
+class RewardData:
+    """Distributional examples (targets) and/or preference pairs, as texts."""
+
+    prompts: list[str]
+    responses: list[str]
+    targets: np.ndarray | None = None  # [N, K]
+    population: np.ndarray | None = None  # [N, K] ground truth, when known
+    groups: list[str] | None = None
+    pairs: np.ndarray | None = None  # [M, 2] indices into the rows: (chosen, rejected)
+
+
+def model_inputs(
+    tokenizer: Any,
+    data: RewardData,
+    rows: np.ndarray,
+    embeddings: torch.Tensor | None,
+    max_length: int,
+) -> dict[str, torch.Tensor]:
+    if embeddings is not None:
+        return {"embeddings": embeddings[torch.as_tensor(rows)]}
+    enc = tokenize_pairs(
+        tokenizer, [data.prompts[i] for i in rows], [data.responses[i] for i in rows], max_length
+    )
+    return {"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"]}
+
+
+def predict(
+    model: Any,
+    tokenizer: Any,
+    data: RewardData,
+    embeddings: torch.Tensor | None = None,
+    max_length: int = 256,
+    batch_size: int = 64,
+    rows: np.ndarray | None = None,
+) -> dict[str, np.ndarray]:
+    """Expected reward, variance and (distributional models) probabilities for `rows`."""
+    rows = np.arange(len(data.prompts)) if rows is None else rows
+    out: dict[str, list[np.ndarray]] = defaultdict(list)
+    with torch.no_grad():
+        for start in range(0, len(rows), batch_size):
+            chunk = rows[start : start + batch_size]
+            pred = model.predict(**model_inputs(tokenizer, data, chunk, embeddings, max_length))
+            out["expected"].append(pred.expected.cpu().numpy())
+            out["variance"].append(pred.variance.cpu().numpy())
+            if pred.probs is not None:
+                out["probs"].append(pred.probs.cpu().numpy())
+    return {k: np.concatenate(v) for k, v in out.items()}

@@ -1,4 +1,4 @@
-"""Reward-model training: data, the per-worker training loop, scoring.
+"""Reward-model training: data, the per-worker training loop, held-out evaluation.
 
 The loop runs on every data-parallel worker with the shared machinery of `dprm_ray.training`
 (DeepSpeed engine, exact resume from `<output_dir>/checkpoints`, W&B on rank 0); dropout is
@@ -10,7 +10,6 @@ from __future__ import annotations
 import math
 from collections import defaultdict
 from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +21,13 @@ from dprm_ray.reward_config import (
     LOSSES,
     TargetConfig,
     TrainRewardConfig,
+)
+from dprm_ray.reward_models import (
+    RewardData,
+    build_reward_model,
+    cached_embeddings,
+    model_inputs,
+    predict,
 )
 from dprm_ray.training import (
     deepspeed_engine,
@@ -36,18 +42,6 @@ from dprm_ray.training import (
 )
 
 # --------------------------------------------------------------------------- data
-
-
-@dataclass
-class RewardData:
-    """Distributional examples (targets) and/or preference pairs, as texts."""
-
-    prompts: list[str]
-    responses: list[str]
-    targets: np.ndarray | None = None  # [N, K]
-    population: np.ndarray | None = None  # [N, K] ground truth, when known
-    groups: list[str] | None = None
-    pairs: np.ndarray | None = None  # [M, 2] indices into the rows: (chosen, rejected)
 
 
 def _smoothed_targets(rows: list[dict], space: LabelSpace, targets: TargetConfig) -> np.ndarray:
@@ -175,47 +169,7 @@ def split_by_prompt(data: RewardData, fraction: float, seed: int) -> tuple[Rewar
     return subset(data, np.flatnonzero(~is_held)), subset(data, np.flatnonzero(is_held))
 
 
-# --------------------------------------------------------------------------- scoring
-
-
-def model_inputs(
-    tokenizer: Any,
-    data: RewardData,
-    rows: np.ndarray,
-    embeddings: torch.Tensor | None,
-    max_length: int,
-) -> dict[str, torch.Tensor]:
-    from dprm_ray.reward_models import tokenize_pairs
-
-    if embeddings is not None:
-        return {"embeddings": embeddings[torch.as_tensor(rows)]}
-    enc = tokenize_pairs(
-        tokenizer, [data.prompts[i] for i in rows], [data.responses[i] for i in rows], max_length
-    )
-    return {"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"]}
-
-
-def predict(
-    model: Any,
-    tokenizer: Any,
-    data: RewardData,
-    embeddings: torch.Tensor | None = None,
-    max_length: int = 256,
-    batch_size: int = 64,
-    rows: np.ndarray | None = None,
-) -> dict[str, np.ndarray]:
-    """Expected reward, variance and (distributional models) probabilities for `rows`."""
-    rows = np.arange(len(data.prompts)) if rows is None else rows
-    out: dict[str, list[np.ndarray]] = defaultdict(list)
-    with torch.no_grad():
-        for start in range(0, len(rows), batch_size):
-            chunk = rows[start : start + batch_size]
-            pred = model.predict(**model_inputs(tokenizer, data, chunk, embeddings, max_length))
-            out["expected"].append(pred.expected.cpu().numpy())
-            out["variance"].append(pred.variance.cpu().numpy())
-            if pred.probs is not None:
-                out["probs"].append(pred.probs.cpu().numpy())
-    return {k: np.concatenate(v) for k, v in out.items()}
+# --------------------------------------------------------------------------- evaluation
 
 
 def evaluate(
@@ -293,7 +247,6 @@ def train_worker(
     from tqdm import tqdm
 
     from dprm_ray.losses import bradley_terry_loss, distribution_loss
-    from dprm_ray.reward_models import build_reward_model, cached_embeddings
 
     rank, world = ensure_process_group()
     out_dir = Path(cfg.output_dir)

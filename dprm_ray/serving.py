@@ -158,7 +158,7 @@ def score_requests(
     Batching requests together is what `@serve.batch` is for; padding is on the right and pooling
     ignores it, so an item's score does not depend on what else is in its batch.
     """
-    from dprm_ray.reward_training import RewardData, predict
+    from dprm_ray.reward_models import RewardData, predict
 
     prompts = [p for ps, _ in requests for p in ps]
     responses = [r for _, rs in requests for r in rs]

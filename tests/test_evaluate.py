@@ -44,8 +44,7 @@ def test_frozen_backbone_evaluation_from_cached_features_equals_raw_text_scoring
 
     from dprm_ray.data import load_rows
     from dprm_ray.reward_eval import pairwise_accuracy
-    from dprm_ray.reward_models import load_reward_model
-    from dprm_ray.reward_training import RewardData, predict
+    from dprm_ray.reward_models import RewardData, load_reward_model, predict
 
     torch.manual_seed(0)
     model, tok = build_reward_model(

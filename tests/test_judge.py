@@ -7,14 +7,13 @@ import pytest
 import torch
 
 from dprm_ray.config import ConfigError
-from dprm_ray.crowd import aggregate
+from dprm_ray.crowd import aggregate, update_with_votes
 from dprm_ray.judge import (
     JudgeBackendError,
     JudgeConfig,
     PersonaJudge,
     choose_personas,
     load_personas,
-    update_with_votes,
 )
 from dprm_ray.openai_server import make_server
 

@@ -297,8 +297,8 @@ def test_policy_logprobs_match_sequence_logprobs_and_ignore_padding():
 def test_exported_weights_merge_lora_without_touching_the_trained_model():
     from transformers import AutoModelForCausalLM
 
-    from dprm_ray.distill import LoraConfig, with_lora
     from dprm_ray.learner import PolicyWithValue, lm_logprobs, plain_lm_state_dict, policy_forward
+    from dprm_ray.policy import LoraConfig, with_lora
 
     lm, tok = load_model("tiny:5")
     model = PolicyWithValue(

@@ -18,6 +18,7 @@ from dprm_ray.reward_models import (
     DistributionalRewardModel,
     build_reward_model,
     embed_texts,
+    load_reward_model,
     pool_last_token,
     tokenize_pairs,
 )
@@ -59,7 +60,7 @@ def test_distributional_model_on_tiny_lm_round_trips_through_the_loader(tmp_path
     enc = tokenize_pairs(tok, ["p1", "p2"], ["r1", "a longer r2"], 64)
     before = model.predict(**enc)
     model.save(tmp_path / "rm", tok)
-    loaded, tok2 = load_model(str(tmp_path / "rm"))
+    loaded, tok2 = load_reward_model(tmp_path / "rm")
     assert isinstance(loaded, DistributionalRewardModel) and loaded.label_space == HH6
     after = loaded.predict(**tokenize_pairs(tok2, ["p1", "p2"], ["r1", "a longer r2"], 64))
     assert torch.allclose(before.probs, after.probs, atol=1e-6)
@@ -72,7 +73,7 @@ def test_frozen_encoder_model_stores_the_backbone_spec_not_weights(tmp_path):
     assert model.backbone is None
     model.save(tmp_path / "bt")
     assert not (tmp_path / "bt" / "backbone").exists()
-    loaded, tok2 = load_model(str(tmp_path / "bt"))
+    loaded, tok2 = load_reward_model(tmp_path / "bt")
     assert isinstance(loaded, BradleyTerryRewardModel)
     # Scoring raw text through the reloaded backbone equals scoring the cached embeddings.
     encoder, _ = load_model("tiny-encoder:1", kind="encoder")
@@ -144,7 +145,8 @@ def test_saved_model_folder_gets_the_usual_permissions_not_mkdtemps_0700(tmp_pat
 def test_bootstrap_resamples_with_replacement_deterministically():
     import numpy as np
 
-    from dprm_ray.reward_training import RewardData, bootstrap_resample
+    from dprm_ray.reward_models import RewardData
+    from dprm_ray.reward_training import bootstrap_resample
 
     data = RewardData(
         [f"p{i}" for i in range(50)],

@@ -11,8 +11,8 @@ from dprm_ray.rollout import RolloutConfig, StaleWeightsError, TransformersEngin
 
 def tiny_folder(path: Path) -> Path:
     """The tiny Llama saved as an HF folder, wide enough (head_dim 64) for vLLM's CPU kernels."""
-    from dprm_ray.distill import save_policy
     from dprm_ray.models import tiny_causal_lm, tiny_tokenizer
+    from dprm_ray.policy import save_policy
 
     if not (path / "config.json").is_file():
         save_policy(tiny_causal_lm(0, hidden_size=256), tiny_tokenizer(), path)

@@ -18,8 +18,7 @@ import torch
 from conftest import REPO
 
 from dprm_ray.labels import get_label_space
-from dprm_ray.reward_models import build_reward_model, load_reward_model
-from dprm_ray.reward_training import RewardData, predict
+from dprm_ray.reward_models import RewardData, build_reward_model, load_reward_model, predict
 
 TOKEN = "test-token-0123"
 MAX_ITEMS = 40

@@ -7,8 +7,7 @@ import pytest
 import torch
 
 from dprm_ray.labels import get_label_space
-from dprm_ray.reward_models import build_reward_model
-from dprm_ray.reward_training import RewardData, predict
+from dprm_ray.reward_models import RewardData, build_reward_model, predict
 from dprm_ray.serving import (
     RequestError,
     RequestLimits,

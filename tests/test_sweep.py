@@ -18,7 +18,7 @@ from test_train_reward import write_annotations
 
 from dprm_ray.config import ConfigError, load_config
 from dprm_ray.jobs.sweep import SweepConfig, search_space
-from dprm_ray.reward_training import TrainRewardConfig
+from dprm_ray.reward_config import TrainRewardConfig
 
 # A tiny causal LM trained end to end: a few seconds per trial. kappa 0 makes the targets
 # unanimous, so that eps changes them.

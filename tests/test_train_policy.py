@@ -18,7 +18,7 @@ from safetensors.torch import load_file
 from dprm_ray.data import DataError
 from dprm_ray.labels import likert5
 from dprm_ray.models import load_model
-from dprm_ray.policy_training import (
+from dprm_ray.ppo_run import (
     category_shares,
     latest_checkpoint,
     load_prompts,
@@ -112,8 +112,7 @@ def steps_log(out: Path) -> list[dict]:
 
 
 def test_planted_reward_rises_with_lowercase_share(tmp_path):
-    from dprm_ray.reward_models import load_reward_model
-    from dprm_ray.reward_training import RewardData, predict
+    from dprm_ray.reward_models import RewardData, load_reward_model, predict
 
     model, tok = load_reward_model(planted_reward(tmp_path / "rm"))
     data = RewardData(["Q: SAY"] * 3, ["XYZ 123", "mixed Case", "all lowercase words"])
@@ -209,7 +208,7 @@ def test_lost_rollout_worker_and_reward_shard_lose_no_prompt(ray_local, tmp_path
 
     from dprm_ray.config import load_config
     from dprm_ray.jobs.train_policy import train_policy
-    from dprm_ray.policy_training import TrainPolicyConfig
+    from dprm_ray.ppo_run import TrainPolicyConfig
 
     killed = []
 
@@ -292,7 +291,7 @@ def test_presets_load_validate_and_fill_their_nodes(preset, gpus):
     from omegaconf import OmegaConf
 
     from dprm_ray.config import load_config
-    from dprm_ray.policy_training import TrainPolicyConfig
+    from dprm_ray.ppo_run import TrainPolicyConfig
 
     cfg = load_config(TrainPolicyConfig, REPO / "configs" / preset, ["reward.model=rm"])
     typed = OmegaConf.to_object(cfg)
@@ -314,7 +313,7 @@ def test_ppo_steps_with_vllm_cpu_rollouts(ray_local, tmp_path):
 
     from dprm_ray.config import load_config
     from dprm_ray.jobs.train_policy import train_policy
-    from dprm_ray.policy_training import TrainPolicyConfig
+    from dprm_ray.ppo_run import TrainPolicyConfig
 
     model = tiny_folder(tmp_path / "tiny256")
     args = ppo_config(

@@ -14,8 +14,7 @@ import torch
 from conftest import REPO, run_cli
 
 from dprm_ray.data import write_rows
-from dprm_ray.models import load_model
-from dprm_ray.reward_models import DistributionalRewardModel
+from dprm_ray.reward_models import DistributionalRewardModel, load_reward_model
 
 pytestmark = pytest.mark.slow
 
@@ -77,7 +76,7 @@ def test_tiny_lm_deepspeed_two_workers(tmp_path, zero_stage, wandb_mode):
     assert (out / "config.yaml").is_file() and (out / "checkpoints" / "latest").is_file()
     offline_runs = list((out / "wandb").glob("offline-run-*")) if (out / "wandb").exists() else []
     assert len(offline_runs) == (1 if wandb_mode == "offline" else 0)
-    model, tok = load_model(str(out / "model"))
+    model, tok = load_reward_model(out / "model")
     assert isinstance(model, DistributionalRewardModel)
     # The saved model separates helpful from harmful responses it never saw.
     from dprm_ray.reward_models import tokenize_pairs
@@ -151,7 +150,7 @@ def test_kill_and_resume_equals_uninterrupted(tmp_path):
     for key in want:
         if isinstance(want[key], float):
             assert got[key] == pytest.approx(want[key], abs=1e-6), key
-    a, _ = load_model(str(tmp_path / "full" / "model"))
-    b, _ = load_model(str(out / "model"))
+    a, _ = load_reward_model(tmp_path / "full" / "model")
+    b, _ = load_reward_model(out / "model")
     for (name, pa), (_, pb) in zip(a.state_dict().items(), b.state_dict().items(), strict=True):
         assert torch.allclose(pa, pb, atol=1e-6), name

@@ -18,7 +18,7 @@ from typing import Any
 import ray
 
 from dprm_ray.actors.dispatch import least_loaded
-from dprm_ray.policy_training import RewardConfig
+from dprm_ray.ppo_run import RewardConfig
 
 
 class RewardShard:
@@ -34,7 +34,7 @@ class RewardShard:
         self.labels = list(space.labels) if space is not None else []
 
     def score(self, rollouts: list[dict[str, Any]]) -> list[dict[str, Any]]:
-        from dprm_ray.reward_training import RewardData, predict
+        from dprm_ray.reward_models import RewardData, predict
 
         start = time.perf_counter()
         data = RewardData([r["prompt"] for r in rollouts], [r["response"] for r in rollouts])

@@ -23,7 +23,7 @@ class RewardEnsembleScorer:
         self.max_length = max_length
 
     def __call__(self, batch: pd.DataFrame) -> pd.DataFrame:
-        from dprm_ray.reward_training import RewardData, predict
+        from dprm_ray.reward_models import RewardData, predict
 
         prompts = batch["prompt"].tolist()
         scored = {"chosen": [], "rejected": []}

@@ -289,8 +289,9 @@ def annotate(cfg: AnnotateConfig) -> dict:
 def update(cfg: UpdateConfig) -> dict:
     import numpy as np
 
+    from dprm_ray.crowd import update_with_votes
     from dprm_ray.data import DataError, load_rows, read_records, write_rows
-    from dprm_ray.judge import row_key, update_with_votes
+    from dprm_ray.judge import row_key
     from dprm_ray.labels import get_label_space
     from dprm_ray.reward_eval import w1_on_line
 

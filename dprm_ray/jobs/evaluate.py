@@ -36,12 +36,14 @@ class EvaluateRewardConfig:
 def evaluate_reward(cfg: EvaluateRewardConfig) -> dict:
     from dprm_ray.labels import get_label_space
     from dprm_ray.pal import is_pal_dir
+    from dprm_ray.reward_config import TargetConfig
     from dprm_ray.reward_models import (
         DistributionalRewardModel,
         cached_embeddings,
         load_reward_model,
+        predict,
     )
-    from dprm_ray.reward_training import TargetConfig, evaluate, load_reward_data, predict
+    from dprm_ray.reward_training import evaluate, load_reward_data
 
     if is_pal_dir(cfg.model):
         return _evaluate_pal(cfg)
@@ -72,7 +74,8 @@ def _evaluate_pal(cfg: EvaluateRewardConfig) -> dict:
     """A PAL model scores as one user's reward (or the population mixture's)."""
     from dprm_ray.labels import get_label_space
     from dprm_ray.pal import PALReward
-    from dprm_ray.reward_training import TargetConfig, evaluate, load_reward_data
+    from dprm_ray.reward_config import TargetConfig
+    from dprm_ray.reward_training import evaluate, load_reward_data
 
     space = get_label_space(cfg.label_space)
     data = load_reward_data(cfg.data, space, TargetConfig(), cfg.skip_invalid_rows)

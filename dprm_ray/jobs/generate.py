@@ -79,7 +79,7 @@ def generate(cfg: GenerateConfig) -> dict:
 
     from dprm_ray.actors.rollout import RolloutPool
     from dprm_ray.data import write_rows
-    from dprm_ray.policy_training import load_prompts
+    from dprm_ray.ppo_run import load_prompts
 
     names = list(cfg.names) or list(cfg.models)  # checked by GenerateConfig.validate
     prompts = load_prompts(cfg.prompts, "train")

@@ -1,9 +1,10 @@
 """`dprm-ray train-reward`: train a DPRM (ce / w1 / ot / ot_general) or Bradley-Terry reward model.
 
 Runs under Ray Train (TorchTrainer, `scale.num_workers` data-parallel workers, gloo on CPU) with
-the model in a DeepSpeed engine (`scale.zero_stage`). Writes `<output_dir>/model` (loadable by the
-model loader), checkpoints under `<output_dir>/checkpoints` (rerun the same command to resume), and
-`metrics.json` with held-out metrics. On a multi-node cluster `output_dir` must be shared storage.
+the model in a DeepSpeed engine (`scale.zero_stage`). Writes `<output_dir>/model` (loadable by
+`reward_models.load_reward_model`), checkpoints under `<output_dir>/checkpoints` (rerun the same
+command to resume), and `metrics.json` with held-out metrics. On a multi-node cluster `output_dir`
+must be shared storage.
 """
 
 from __future__ import annotations

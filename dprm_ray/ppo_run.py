@@ -1,5 +1,5 @@
-"""What the PPO driver (`dprm_ray/jobs/train_policy.py`) needs that is not orchestration: its config, the
-prompt schedule, the driver's checkpoint state and the per-category share statistics.
+"""A PPO run, apart from its orchestration (the driver, `dprm_ray/jobs/train_policy.py`): its config,
+the prompt schedule, the driver's checkpoint state and the per-category share statistics.
 
 The schedule is a pure function of (seed, step): step s trains on positions
 `s*P .. s*P+P-1` of an endless sequence of seeded epoch shuffles. A resumed run therefore needs
