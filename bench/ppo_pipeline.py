@@ -63,7 +63,7 @@ def ppo_overrides(args, reward: Path, out: Path) -> list[str]:
 def distributed(args, reward: Path, out: Path) -> dict[str, float]:
     from dprm_ray.config import load_config
     from dprm_ray.jobs.train_policy import train_policy
-    from dprm_ray.ppo_run import TrainPolicyConfig
+    from dprm_ray.policy_config import TrainPolicyConfig
 
     cfg = load_config(
         TrainPolicyConfig, REPO / "configs" / "ppo.yaml", ppo_overrides(args, reward, out)

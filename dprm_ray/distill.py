@@ -10,17 +10,15 @@ from __future__ import annotations
 
 from collections import defaultdict
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
-from dprm_ray.config import MISSING
-from dprm_ray.losses import OFFLINE_LOSSES, offline_policy_loss
+from dprm_ray.losses import offline_policy_loss
 from dprm_ray.policy import (
-    LoraConfig,
     generate,
     save_policy,
     score_responses,
@@ -28,10 +26,8 @@ from dprm_ray.policy import (
     tokenize_responses,
     with_lora,
 )
+from dprm_ray.policy_config import OFFLINE_LOSSES, DistillConfig, DistillLossConfig
 from dprm_ray.training import (
-    OptimConfig,
-    ScaleConfig,
-    WandbConfig,
     deepspeed_engine,
     ensure_process_group,
     gather,
@@ -42,44 +38,6 @@ from dprm_ray.training import (
     step_rows,
     total_steps,
 )
-
-
-@dataclass
-class DistillLossConfig:
-    kind: str = field(default="edpo", metadata={"help": "dpo, ipo, ddpo, edpo or pdpo"})
-    beta: float = field(default=0.1, metadata={"above": 0})
-    gamma: float = field(
-        default=0.0, metadata={"min": 0, "help": "weight of the reference NLL (e/p-DPO)"}
-    )
-    per_example: bool = field(
-        default=False, metadata={"help": "e-DPO: min over the ensemble per example, not per batch"}
-    )
-
-
-@dataclass
-class DistillConfig:
-    data: str = field(default=MISSING, metadata={"help": "pairs parquet from distill precompute"})
-    eval_data: str = field(default="", metadata={"help": "held-out pairs ('' = split off data)"})
-    val_fraction: float = field(default=0.1, metadata={"above": 0, "below": 1})
-    policy: str = field(default="tiny", metadata={"help": "policy spec; also the reference"})
-    loss: DistillLossConfig = field(default_factory=DistillLossConfig)
-    lora: LoraConfig = field(default_factory=LoraConfig)
-    max_length: int = field(default=512, metadata={"min": 1})
-    optim: OptimConfig = field(
-        default_factory=lambda: OptimConfig(lr=1e-5, batch_size=4, epochs=1, grad_clip=1.0)
-    )
-    scale: ScaleConfig = field(default_factory=ScaleConfig)
-    seed: int = field(default=0, metadata={"min": 0})
-    checkpoint_every: int = field(default=50, metadata={"min": 0})
-    resume: bool = True
-    log_every: int = field(default=10, metadata={"min": 1})
-    eval_kl_prompts: int = field(
-        default=8,
-        metadata={"min": 0, "help": "held-out prompts sampled for the reverse-KL estimate"},
-    )
-    max_new_tokens: int = field(default=32, metadata={"min": 1})
-    wandb: WandbConfig = field(default_factory=WandbConfig)
-    output_dir: str = "outputs/distill"
 
 
 @dataclass

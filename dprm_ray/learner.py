@@ -16,18 +16,17 @@ import contextlib
 import os
 import random
 from collections import defaultdict
-from dataclasses import dataclass, field, replace
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
-from dprm_ray.config import check_ranges
-from dprm_ray.policy import LoraConfig, join, save_policy, with_lora
+from dprm_ray.policy import join, save_policy, with_lora
+from dprm_ray.policy_config import LearnerConfig, PPOConfig
 from dprm_ray.ppo import (
     Experience,
-    PPOConfig,
     collate,
     compute_advantages,
     entropy_from_logits,
@@ -38,35 +37,7 @@ from dprm_ray.ppo import (
     policy_loss,
     value_loss,
 )
-from dprm_ray.training import OptimConfig, deepspeed_engine, ensure_process_group
-
-
-@dataclass
-class LearnerConfig:
-    model: str = field(default="tiny", metadata={"help": "policy spec (models.load_model)"})
-    reference: str = field(default="", metadata={"help": "reference policy ('' = model)"})
-    lora: LoraConfig = field(default_factory=LoraConfig)
-    zero_stage: int = field(
-        default=2, metadata={"min": 0, "max": 3, "help": "DeepSpeed ZeRO stage 0-3"}
-    )
-    num_ranks: int = field(default=1, metadata={"min": 1, "help": "learner ranks (Ray actors)"})
-    cpus_per_rank: float = field(default=1.0, metadata={"min": 0, "help": "CPUs per rank"})
-    gpus_per_rank: float = field(
-        default=0.0, metadata={"min": 0, "help": "> 0: NCCL instead of gloo"}
-    )
-    optim: OptimConfig = field(
-        default_factory=lambda: OptimConfig(lr=1e-5, batch_size=4, epochs=1, grad_clip=1.0),
-        metadata={
-            "help": "lr, weight_decay, grad_clip (the update size is ppo.mini_batch_size; "
-            "epochs and steps are the driver's)"
-        },
-    )
-    seed: int = field(default=0, metadata={"min": 0, "help": "initialisation seed"})
-
-    def validate(self, prefix: str = "learner") -> None:
-        """ConfigError naming the dotted key (under `prefix`) of the first bad value."""
-        check_ranges(self, LearnerConfig, f"{prefix}.")
-
+from dprm_ray.training import deepspeed_engine, ensure_process_group
 
 # --------------------------------------------------------------------------- the model
 

@@ -23,10 +23,10 @@ import torch
 import torch.nn.functional as F
 
 from dprm_ray.labels import LabelSpace
+from dprm_ray.policy_config import OFFLINE_LOSSES
 
 __all__ = [
     "LOSS_KINDS",
-    "OFFLINE_LOSSES",
     "bradley_terry_loss",
     "ddpo_loss",
     "dpo_loss",
@@ -241,8 +241,7 @@ def bradley_terry_loss(r_chosen: torch.Tensor, r_rejected: torch.Tensor) -> torc
 # Reward-model distillation (Fisch et al., arXiv 2405.19316) and its baselines. All take sequence
 # log-probabilities (sums over response tokens) of the policy and of the frozen reference, [B] each:
 # h = log pi(y1)/pi_ref(y1) - log pi(y2)/pi_ref(y2), with y1 the chosen and y2 the rejected response.
-
-OFFLINE_LOSSES = ("dpo", "ipo", "ddpo", "edpo", "pdpo")
+# Their names (OFFLINE_LOSSES) live in `dprm_ray.policy_config`, which the distill config reads.
 
 
 def log_ratio_margin(

@@ -10,12 +10,13 @@ One convention everywhere (reference log-probs, training, sampling): the policy 
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 import torch.nn.functional as F
+
+from dprm_ray.policy_config import LoraConfig
 
 
 def join(prompt: str, response: str) -> str:
@@ -129,15 +130,6 @@ def generate(
 
 
 # --------------------------------------------------------------------------- LoRA, saving
-
-
-@dataclass
-class LoraConfig:
-    enabled: bool = False
-    r: int = field(default=8, metadata={"min": 1})
-    alpha: int = field(default=16, metadata={"min": 1})
-    dropout: float = field(default=0.0, metadata={"min": 0, "below": 1})
-    target_modules: list[str] = field(default_factory=lambda: ["q_proj", "v_proj"])
 
 
 def with_lora(model: Any, lora: LoraConfig) -> Any:

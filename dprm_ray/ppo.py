@@ -22,16 +22,12 @@ DeepSpeed learner that drives it lives in `dprm_ray.learner`.
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field, fields, replace
+from dataclasses import dataclass, fields, replace
 from typing import Any
 
 import torch
 
-from dprm_ray.config import ConfigError, check_ranges
-
-KL_ESTIMATORS = ("k1", "k2", "k3")
-ADVANTAGES = ("gae", "rloo", "grpo", "reinforce_pp")
-KL_CONTROLLERS = ("fixed", "adaptive")
+from dprm_ray.policy_config import KL_ESTIMATORS, PPOConfig
 
 # Sums a tensor over the learner's ranks (identity on one process); masked statistics use it so
 # every rank whitens with the same, global mean and variance.
@@ -40,83 +36,6 @@ Reduce = Callable[[torch.Tensor], torch.Tensor]
 
 def _no_reduce(x: torch.Tensor) -> torch.Tensor:
     return x
-
-
-@dataclass
-class PPOConfig:
-    clip_ratio: float = field(
-        default=0.2, metadata={"above": 0, "help": "policy ratio clip epsilon"}
-    )
-    value_clip: float = field(
-        default=0.2, metadata={"min": 0, "help": "value change clip (0: no clip)"}
-    )
-    vf_coef: float = field(default=0.1, metadata={"min": 0, "help": "weight of the value loss"})
-    gamma: float = field(default=1.0, metadata={"min": 0, "max": 1, "help": "GAE discount"})
-    lam: float = field(default=0.95, metadata={"min": 0, "max": 1, "help": "GAE lambda"})
-    kl_coef: float = field(
-        default=0.05, metadata={"min": 0, "help": "initial KL penalty coefficient"}
-    )
-    kl_estimator: str = field(default="k1", metadata={"help": "per-token KL: k1, k2 or k3"})
-    kl_controller: str = field(default="fixed", metadata={"help": "fixed or adaptive"})
-    kl_target: float = field(
-        default=6.0, metadata={"above": 0, "help": "adaptive: target sequence KL"}
-    )
-    kl_horizon: int = field(
-        default=10000, metadata={"min": 1, "help": "adaptive: horizon in samples"}
-    )
-    whiten_rewards: bool = field(
-        default=False, metadata={"help": "whiten sequence rewards over the global batch"}
-    )
-    whiten_advantages: bool = True
-    advantage: str = field(
-        default="gae",
-        metadata={
-            "help": "gae (value head) | rloo | grpo (groups of samples) | reinforce_pp (reward-to-go); "
-            "only gae has a value head"
-        },
-    )
-    samples_per_prompt: int = field(
-        default=1,
-        metadata={
-            "min": 1,
-            "help": "responses sampled per prompt (the group; >= 2 for rloo/grpo)",
-        },
-    )
-    ppo_epochs: int = field(
-        default=1, metadata={"min": 1, "help": "passes over each experience batch"}
-    )
-    mini_batch_size: int = field(
-        default=4, metadata={"min": 1, "help": "sequences per update, per rank"}
-    )
-    temperature: float = field(
-        default=1.0,
-        metadata={"above": 0, "help": "sampling temperature the log-probs are taken at"},
-    )
-    max_length: int = field(default=512, metadata={"min": 1, "help": "prompt+response tokens kept"})
-
-    def validate(self, prefix: str = "ppo") -> None:
-        """ConfigError naming the dotted key (under `prefix`) of the first bad value."""
-        check_ranges(self, PPOConfig, f"{prefix}.")
-        if self.kl_estimator not in KL_ESTIMATORS:
-            raise ConfigError(
-                f"{prefix}.kl_estimator must be one of {', '.join(KL_ESTIMATORS)}, "
-                f"got '{self.kl_estimator}'"
-            )
-        if self.kl_controller not in KL_CONTROLLERS:
-            raise ConfigError(
-                f"{prefix}.kl_controller must be one of {', '.join(KL_CONTROLLERS)}, "
-                f"got '{self.kl_controller}'"
-            )
-        if self.advantage not in ADVANTAGES:
-            raise ConfigError(
-                f"{prefix}.advantage must be one of {', '.join(ADVANTAGES)}, got '{self.advantage}'"
-            )
-        if self.advantage in ("rloo", "grpo") and self.samples_per_prompt < 2:
-            raise ConfigError(
-                f"{prefix}.samples_per_prompt must be >= 2 for {prefix}.advantage="
-                f"{self.advantage} (the baseline is the prompt's other responses), "
-                f"got {self.samples_per_prompt}"
-            )
 
 
 # --------------------------------------------------------------------------- masked statistics

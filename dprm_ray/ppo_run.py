@@ -1,5 +1,6 @@
-"""A PPO run, apart from its orchestration (the driver, `dprm_ray/jobs/train_policy.py`): its config,
-the prompt schedule, the driver's checkpoint state and the per-category share statistics.
+"""A PPO run, apart from its orchestration (the driver, `dprm_ray/jobs/train_policy.py`) and its
+config (`dprm_ray.policy_config.TrainPolicyConfig`): the prompt schedule, the driver's checkpoint
+state and the per-category share statistics.
 
 The schedule is a pure function of (seed, step): step s trains on positions
 `s*P .. s*P+P-1` of an endless sequence of seeded epoch shuffles. A resumed run therefore needs
@@ -9,107 +10,10 @@ only the step number to continue with exactly the prompts it would have seen.
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-from omegaconf import MISSING
-
-from dprm_ray.config import ConfigError, check_ranges
-from dprm_ray.learner import LearnerConfig
-from dprm_ray.ppo import PPOConfig
-from dprm_ray.rollout import RolloutConfig
-from dprm_ray.training import WandbConfig
-
-
-@dataclass
-class RewardConfig:
-    model: str = field(
-        default=MISSING, metadata={"help": "reward model folder (train-reward output)"}
-    )
-    num_shards: int = field(default=2, metadata={"min": 1, "help": "reward actors"})
-    cpus_per_shard: float = field(default=0.5, metadata={"min": 0})
-    gpus_per_shard: float = field(default=0.0, metadata={"min": 0})
-    max_restarts: int = field(default=3, metadata={"min": 0, "help": "restarts of a dead shard"})
-    max_length: int = field(
-        default=512, metadata={"min": 1, "help": "tokens of prompt+response scored"}
-    )
-    batch_size: int = field(default=32, metadata={"min": 1, "help": "rollouts per forward pass"})
-    retries: int = field(default=3, metadata={"min": 0, "help": "times a failed call is retried"})
-
-    def validate(self, prefix: str = "reward") -> None:
-        check_ranges(self, RewardConfig, f"{prefix}.")
-
-
-@dataclass
-class TrainPolicyConfig:
-    prompts: str = field(
-        default="",
-        metadata={
-            "help": "training prompts: .jsonl/.parquet with a `prompt` column ('' = built-in)"
-        },
-    )
-    eval_prompts: str = field(
-        default="", metadata={"help": "held-out prompts for before/after shares ('' = built-in)"}
-    )
-    eval_size: int = field(
-        default=0, metadata={"min": 0, "help": "held-out prompts used (0 = all)"}
-    )
-    steps: int = field(default=50, metadata={"min": 1, "help": "PPO steps"})
-    prompts_per_step: int = field(
-        default=8,
-        metadata={
-            "min": 1,
-            "help": "prompts per step (a multiple of learner.num_ranks); each is sampled "
-            "ppo.samples_per_prompt times",
-        },
-    )
-    chunk_size: int = field(
-        default=2, metadata={"min": 1, "help": "samples per rollout-worker call"}
-    )
-    learner: LearnerConfig = field(default_factory=LearnerConfig)
-    ppo: PPOConfig = field(default_factory=PPOConfig)
-    rollout: RolloutConfig = field(default_factory=RolloutConfig)
-    reward: RewardConfig = field(default_factory=RewardConfig)
-    checkpoint_every: int = field(
-        default=10, metadata={"min": 1, "help": "steps between checkpoints"}
-    )
-    keep_checkpoints: int = field(
-        default=2, metadata={"min": 1, "help": "checkpoints kept on disk"}
-    )
-    resume: bool = field(default=True, metadata={"help": "continue from the latest checkpoint"})
-    actor_threads: int = field(
-        default=0,
-        metadata={
-            "min": 0,
-            "help": "torch/OMP threads per actor (0: Ray's default, one per CPU it asks for); "
-            "on a laptop, where generate/score/train take turns, set the core count",
-        },
-    )
-    seed: int = field(default=0, metadata={"min": 0})
-    address: str = field(default="", metadata={"help": "Ray address ('' = local or RAY_ADDRESS)"})
-    wandb: WandbConfig = field(default_factory=WandbConfig)
-    output_dir: str = "outputs/ppo"
-
-    def validate(self) -> None:
-        """ConfigError naming the dotted key of the first bad value (the runner calls it)."""
-        check_ranges(self, TrainPolicyConfig)
-        self.learner.validate()
-        self.ppo.validate()
-        self.rollout.validate()
-        self.reward.validate()
-        if self.prompts_per_step % self.learner.num_ranks:
-            raise ConfigError(
-                f"prompts_per_step ({self.prompts_per_step}) must be a multiple of "
-                f"learner.num_ranks ({self.learner.num_ranks})"
-            )
-        if self.rollout.temperature != self.ppo.temperature:
-            # The learner's log-probs must be those of the distribution that sampled.
-            raise ConfigError(
-                f"rollout.temperature ({self.rollout.temperature}) must equal "
-                f"ppo.temperature ({self.ppo.temperature})"
-            )
 
 
 def load_prompts(path: str, split: str) -> list[dict[str, str]]:

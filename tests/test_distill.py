@@ -9,9 +9,10 @@ from conftest import run_cli
 
 from dprm_ray.config import ConfigError
 from dprm_ray.data import DataError, load_rows, write_rows
-from dprm_ray.distill import DistillLossConfig, load_distill_data
+from dprm_ray.distill import load_distill_data
 from dprm_ray.models import load_model
 from dprm_ray.policy import score_responses
+from dprm_ray.policy_config import DistillLossConfig
 from dprm_ray.reward_models import RewardData, build_reward_model, predict
 
 
@@ -111,8 +112,9 @@ def test_precompute_with_an_ensemble_then_distill_with_deepspeed(tmp_path):
 def test_lora_policy_trains_adapters_only_and_saves_merged(tmp_path):
     from omegaconf import OmegaConf
 
-    from dprm_ray.distill import DistillConfig, build_policy
+    from dprm_ray.distill import build_policy
     from dprm_ray.policy import save_policy
+    from dprm_ray.policy_config import DistillConfig
 
     cfg = OmegaConf.merge(
         OmegaConf.structured(DistillConfig),

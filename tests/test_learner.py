@@ -8,9 +8,9 @@ import pytest
 import ray
 import torch
 
-from dprm_ray.learner import LearnerConfig, lm_logprobs
+from dprm_ray.learner import lm_logprobs
 from dprm_ray.models import load_model
-from dprm_ray.ppo import PPOConfig
+from dprm_ray.policy_config import LearnerConfig, PPOConfig
 from dprm_ray.training import OptimConfig
 
 # DeepSpeed's CPU comm op is JIT-built once into this cache (as the Makefile sets it up).

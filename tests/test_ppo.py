@@ -5,11 +5,11 @@ import pytest
 import torch
 
 from dprm_ray.models import load_model
+from dprm_ray.policy_config import PPOConfig
 from dprm_ray.ppo import (
     AdaptiveKLController,
     Experience,
     FixedKLController,
-    PPOConfig,
     collate,
     compute_advantages,
     gae,
@@ -298,7 +298,8 @@ def test_exported_weights_merge_lora_without_touching_the_trained_model():
     from transformers import AutoModelForCausalLM
 
     from dprm_ray.learner import PolicyWithValue, lm_logprobs, plain_lm_state_dict, policy_forward
-    from dprm_ray.policy import LoraConfig, with_lora
+    from dprm_ray.policy import with_lora
+    from dprm_ray.policy_config import LoraConfig
 
     lm, tok = load_model("tiny:5")
     model = PolicyWithValue(

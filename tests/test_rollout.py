@@ -6,7 +6,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from dprm_ray.rollout import RolloutConfig, StaleWeightsError, TransformersEngine, item_seed
+from dprm_ray.policy_config import RolloutConfig
+from dprm_ray.rollout import StaleWeightsError, TransformersEngine, item_seed
 
 
 def tiny_folder(path: Path) -> Path:
@@ -94,8 +95,7 @@ def test_vllm_generates_with_the_learners_weights_after_a_sync(ray_local, tmp_pa
 
     from dprm_ray.actors.learner import LearnerGroup
     from dprm_ray.actors.rollout import rollout_worker_actor
-    from dprm_ray.learner import LearnerConfig
-    from dprm_ray.ppo import PPOConfig
+    from dprm_ray.policy_config import LearnerConfig, PPOConfig
     from dprm_ray.training import OptimConfig
 
     model = str(tiny_folder(tmp_path / "tiny256"))

@@ -208,7 +208,7 @@ def test_lost_rollout_worker_and_reward_shard_lose_no_prompt(ray_local, tmp_path
 
     from dprm_ray.config import load_config
     from dprm_ray.jobs.train_policy import train_policy
-    from dprm_ray.ppo_run import TrainPolicyConfig
+    from dprm_ray.policy_config import TrainPolicyConfig
 
     killed = []
 
@@ -291,7 +291,7 @@ def test_presets_load_validate_and_fill_their_nodes(preset, gpus):
     from omegaconf import OmegaConf
 
     from dprm_ray.config import load_config
-    from dprm_ray.ppo_run import TrainPolicyConfig
+    from dprm_ray.policy_config import TrainPolicyConfig
 
     cfg = load_config(TrainPolicyConfig, REPO / "configs" / preset, ["reward.model=rm"])
     typed = OmegaConf.to_object(cfg)
@@ -313,7 +313,7 @@ def test_ppo_steps_with_vllm_cpu_rollouts(ray_local, tmp_path):
 
     from dprm_ray.config import load_config
     from dprm_ray.jobs.train_policy import train_policy
-    from dprm_ray.ppo_run import TrainPolicyConfig
+    from dprm_ray.policy_config import TrainPolicyConfig
 
     model = tiny_folder(tmp_path / "tiny256")
     args = ppo_config(

@@ -15,6 +15,8 @@ from typing import Any
 
 import ray
 
+from dprm_ray.policy_config import LearnerConfig, PPOConfig
+
 
 def _as_config(schema: type, cfg: Any) -> Any:
     """A dataclass instance from a dataclass, an OmegaConf node or a plain dict."""
@@ -28,8 +30,7 @@ def _as_config(schema: type, cfg: Any) -> Any:
 @ray.remote
 class PolicyLearner:
     def __init__(self, rank: int, world: int, cfg: Any, ppo: Any):
-        from dprm_ray.learner import LearnerConfig, configure_deepspeed_env
-        from dprm_ray.ppo import PPOConfig
+        from dprm_ray.learner import configure_deepspeed_env
 
         self.rank, self.world = rank, world
         self.cfg = _as_config(LearnerConfig, cfg)
@@ -121,16 +122,13 @@ class PolicyLearner:
 class LearnerGroup:
     """`cfg.num_ranks` PolicyLearner actors in a placement group, set up and ready to train.
 
-    cfg: a `dprm_ray.learner.LearnerConfig` (or a dict / OmegaConf node of one); ppo: a
-    `dprm_ray.ppo.PPOConfig` likewise.
+    cfg: a `dprm_ray.policy_config.LearnerConfig` (or a dict / OmegaConf node of one); ppo: a
+    `dprm_ray.policy_config.PPOConfig` likewise.
     """
 
     def __init__(self, cfg: Any, ppo: Any, runtime_env: dict | None = None):
         from ray.util.placement_group import placement_group
         from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
-
-        from dprm_ray.learner import LearnerConfig
-        from dprm_ray.ppo import PPOConfig
 
         self.cfg = _as_config(LearnerConfig, cfg)
         self.ppo = _as_config(PPOConfig, ppo)

@@ -18,7 +18,7 @@ from typing import Any
 import ray
 
 from dprm_ray.actors.dispatch import least_loaded
-from dprm_ray.ppo_run import RewardConfig
+from dprm_ray.policy_config import RewardConfig
 
 
 class RewardShard:

@@ -19,7 +19,8 @@ from typing import Any
 import ray
 
 from dprm_ray.actors.dispatch import least_loaded, outcome
-from dprm_ray.rollout import RolloutConfig, StaleWeightsError, make_engine
+from dprm_ray.policy_config import RolloutConfig
+from dprm_ray.rollout import StaleWeightsError, make_engine
 
 
 class RolloutWorker:

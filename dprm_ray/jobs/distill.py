@@ -21,9 +21,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from dprm_ray.config import MISSING
-from dprm_ray.distill import DistillConfig
 from dprm_ray.jobs.ray_session import init_ray
 from dprm_ray.jobs.runner import Command, Job, run_job
+from dprm_ray.policy_config import DistillConfig
 
 
 @dataclass

@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, Any
 from dprm_ray.config import MISSING, ConfigError
 from dprm_ray.jobs.ray_session import init_ray
 from dprm_ray.jobs.runner import Command, Job, run_job
-from dprm_ray.rollout import RolloutConfig
+from dprm_ray.policy_config import RolloutConfig
 
 if TYPE_CHECKING:  # the actors import ray, which `--help` and config errors do without
     from dprm_ray.actors.rollout import RolloutPool

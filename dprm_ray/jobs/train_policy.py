@@ -31,9 +31,9 @@ from typing import TYPE_CHECKING, Any
 from dprm_ray.config import ConfigError
 from dprm_ray.jobs.ray_session import init_ray
 from dprm_ray.jobs.runner import Command, Job, run_job
+from dprm_ray.policy_config import TrainPolicyConfig
 from dprm_ray.ppo_run import (
     STATE_FILE,
-    TrainPolicyConfig,
     latest_checkpoint,
     load_prompts,
     prompt_items,
