@@ -50,14 +50,9 @@ def test_the_job_table_matches_each_job_module():
         assert module.JOB.help.splitlines()[0] == help_line, name
 
 
-# Whose config still lives next to torch code: train-policy (ppo/learner/rollout configs, LoRA)
-# and distill (LoRA); their --help still imports torch.
-HEAVY_HELP = {"train-policy", "distill"}
-
-
 @pytest.mark.parametrize(
     "args",
-    [["--help"]] + [[name, "--help"] for name in JOB_NAMES if name not in HEAVY_HELP],
+    [["--help"]] + [[name, "--help"] for name in JOB_NAMES],
     ids=lambda args: " ".join(args),
 )
 def test_help_imports_neither_torch_nor_ray(args):
