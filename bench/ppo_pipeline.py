@@ -101,8 +101,8 @@ def one_process(args, reward: Path) -> dict[str, float]:
     from dprm_ray.actors.reward import RewardShard
     from dprm_ray.config import load_config
     from dprm_ray.learner import PPOLearner, configure_deepspeed_env
+    from dprm_ray.policy_config import TrainPolicyConfig
     from dprm_ray.ppo_run import (
-        TrainPolicyConfig,
         load_prompts,
         prompt_items,
         step_positions,
