@@ -58,24 +58,20 @@ def test_library_lines_go_to_the_job_log_and_errors_to_the_console(tmp_path):
     assert not (tmp_path / "loud" / "job.log").exists()
 
 
-def test_a_second_job_in_one_process_logs_to_its_own_folder(tmp_path):
-    from dprm_ray.jobs.ray_session import route_library_logs
+def test_a_second_job_in_one_process_logs_to_its_own_folder_and_the_first_is_undone(tmp_path):
+    from dprm_ray.jobs.ray_session import restore_library_logs, route_library_logs
 
-    root = logging.getLogger()
-    before = list(root.handlers)
-    loggers = [root, logging.getLogger("ray")]
-    levels = {h: h.level for logger in loggers for h in logger.handlers}
+    loggers = [logging.getLogger(), logging.getLogger("ray"), logging.getLogger("ray.data")]
+    before = [(list(lg.handlers), lg.level, [h.level for h in lg.handlers]) for lg in loggers]
     try:
         route_library_logs(tmp_path / "a" / "job.log")
         route_library_logs(tmp_path / "b" / "job.log")
         logging.getLogger("ray").warning("ONLY-IN-B")
-        assert "ONLY-IN-B" in (tmp_path / "b" / "job.log").read_text()
+        logging.getLogger("ray.data").warning("RAY-DATA-IN-B")
+        b = (tmp_path / "b" / "job.log").read_text()
+        assert b.count("ONLY-IN-B") == 1 and b.count("RAY-DATA-IN-B") == 1
         assert "ONLY-IN-B" not in (tmp_path / "a" / "job.log").read_text()
     finally:
-        for handler, level in levels.items():
-            handler.setLevel(level)
-        for logger in loggers:
-            for h in [h for h in logger.handlers if h.get_name() == "dprm-ray-job-log"]:
-                logger.removeHandler(h)
-                h.close()
-        assert root.handlers == before
+        restore_library_logs()
+    after = [(list(lg.handlers), lg.level, [h.level for h in lg.handlers]) for lg in loggers]
+    assert after == before

@@ -25,30 +25,61 @@ def verbose() -> bool:
     return os.environ.get(VERBOSE_ENV, "") not in ("", "0")
 
 
+# What route_library_logs changed, so that restore_library_logs can undo it when the job ends
+# (a process that runs several jobs, such as the tests, gets each job's lines in its own file).
+_ROUTED: list[tuple[logging.Logger, logging.Handler | None, dict[logging.Handler, int], int]] = []
+
+
 def route_library_logs(log_file: Path) -> None:
-    """Library records at INFO and above go to `log_file`; their console handlers keep errors.
+    """Library records at INFO and above go to `log_file`; the libraries' console handlers keep
+    errors only, and so does the console for records that reach the root logger.
 
     Applied to the loggers that exist when it is called (so after `import ray` and
     `import ray.data`, which install their handlers at import time)."""
     if verbose():
         return
+    restore_library_logs()
     log_file.parent.mkdir(parents=True, exist_ok=True)
     to_file = logging.FileHandler(log_file, encoding="utf-8")
     to_file.setLevel(logging.INFO)
     to_file.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
-    to_file.set_name("dprm-ray-job-log")
-    loggers = [logging.getLogger()] + [logging.getLogger(name) for name in _OWN_HANDLERS]
-    for logger in loggers:
-        for handler in logger.handlers:
-            if isinstance(handler, logging.StreamHandler) and not isinstance(
-                handler, logging.FileHandler
-            ):
-                handler.setLevel(logging.ERROR)
-        for old in [h for h in logger.handlers if h.get_name() == to_file.get_name()]:
-            logger.removeHandler(old)  # an earlier job in this process (tests) had its own file
-            old.close()
-        logger.addHandler(to_file)
-    logging.getLogger().setLevel(min(logging.getLogger().level or logging.INFO, logging.INFO))
+    root = logging.getLogger()
+    errors = logging.StreamHandler()  # what Python's last-resort handler would have shown
+    errors.setLevel(logging.ERROR)
+    _ROUTED.append((root, to_file, {}, root.level))
+    _ROUTED.append((root, errors, {}, root.level))
+    root.addHandler(to_file)
+    root.addHandler(errors)
+    root.setLevel(logging.INFO)
+    for name in _OWN_HANDLERS:
+        logger = logging.getLogger(name)
+        quieted = {
+            h: h.level
+            for h in logger.handlers
+            if isinstance(h, logging.StreamHandler) and not isinstance(h, logging.FileHandler)
+        }
+        for handler in quieted:
+            handler.setLevel(logging.ERROR)
+        # A logger that propagates reaches a handler of to_file's already (its parent's or root's).
+        own = None if logger.propagate else to_file
+        _ROUTED.append((logger, own, quieted, logger.level))
+        if own is not None:
+            logger.addHandler(own)
+
+
+def restore_library_logs() -> None:
+    """Undo route_library_logs (the runner calls it when a job ends)."""
+    closed: set[logging.Handler] = set()
+    while _ROUTED:
+        logger, added, quieted, level = _ROUTED.pop()
+        if added is not None:
+            logger.removeHandler(added)
+            if added not in closed:
+                added.close()
+                closed.add(added)
+        for handler, old in quieted.items():
+            handler.setLevel(old)
+        logger.setLevel(level)
 
 
 def init_ray(address: str | None, output_dir: str | Path, **kwargs) -> object:

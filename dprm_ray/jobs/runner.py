@@ -28,7 +28,7 @@ from dprm_ray.config import (
     to_yaml,
     validate_config,
 )
-from dprm_ray.jobs.ray_session import VERBOSE_ENV
+from dprm_ray.jobs.ray_session import VERBOSE_ENV, restore_library_logs
 
 EXIT_OK, EXIT_FAILED, EXIT_CONFIG = 0, 1, 2
 EXIT_SIGINT, EXIT_SIGTERM = 128 + signal.SIGINT, 128 + signal.SIGTERM  # 130, 143: shell convention
@@ -218,6 +218,7 @@ def run_job(job: Job, argv: Sequence[str] | None = None) -> int:
     finally:
         if in_main_thread:
             signal.signal(signal.SIGTERM, previous_sigterm)
+        restore_library_logs()
     metrics = {**metrics, "wall_time_s": round(time.perf_counter() - start, 3)}
     write_text(output_dir / "metrics.json", json.dumps(metrics, indent=2, sort_keys=True) + "\n")
     print(f"{prog}: done in {metrics['wall_time_s']:.1f} s; wrote {output_dir}/metrics.json")
