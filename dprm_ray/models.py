@@ -34,10 +34,7 @@ from transformers import (
 )
 
 from dprm_ray.data import atomic_dir
-
-
-class ModelError(RuntimeError):
-    """A model cannot be found or loaded; the message says what to do."""
+from dprm_ray.errors import ModelError
 
 
 @dataclass(frozen=True)

@@ -206,7 +206,7 @@ def is_reward_model_dir(path: str | Path) -> bool:
 
 def _reward_config(folder: Path) -> dict[str, Any]:
     """The folder's reward_model.json, or ModelError saying why it is not a reward model."""
-    from dprm_ray.models import ModelError
+    from dprm_ray.errors import ModelError
 
     needed = ("type", "pooling", "backbone", "backbone_spec", "freeze_backbone", "hidden_size")
     try:

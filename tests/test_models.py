@@ -4,8 +4,8 @@ import pytest
 import torch
 from conftest import run_cli
 
+from dprm_ray.errors import ModelError
 from dprm_ray.models import (
-    ModelError,
     chat_generate,
     load_model,
     named_model_path,

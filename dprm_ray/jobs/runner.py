@@ -178,7 +178,7 @@ def run_job(job: Job, argv: Sequence[str] | None = None) -> int:
 
     # Imported here so that config errors come back before torch/pyarrow start up.
     from dprm_ray.data import DataError, write_text
-    from dprm_ray.models import ModelError
+    from dprm_ray.errors import ModelError
 
     output_dir = Path(cfg.output_dir)
     start = time.perf_counter()
