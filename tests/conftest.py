@@ -3,6 +3,7 @@
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -50,4 +51,11 @@ def jobs_join_ray_local(ray_local, monkeypatch):
     under `ray job submit`) instead of each paying ~10 s to start and stop one of its own.
 
     ray.init has already put what a client needs to join (RAY_AUTH_MODE) into os.environ."""
+    # Jobs ask for CPUs the way they would on a cluster of their own, so none may be held by an
+    # earlier test's actors (a killed driver's are reaped within seconds).
+    deadline = time.monotonic() + 120
+    while ray_local.available_resources().get("CPU", 0) < ray_local.cluster_resources()["CPU"]:
+        if time.monotonic() > deadline:
+            pytest.fail("an earlier test left actors holding CPUs in the session's Ray cluster")
+        time.sleep(0.5)
     monkeypatch.setenv("RAY_ADDRESS", ray_local.get_runtime_context().gcs_address)

@@ -17,6 +17,9 @@ from dprm_ray.crowd import aggregate
 from dprm_ray.data import load_rows, write_rows
 from dprm_ray.judge import JudgeConfig, PersonaJudge, row_key
 
+# The jobs these tests start join the session's Ray cluster (see conftest.py).
+pytestmark = pytest.mark.usefixtures("jobs_join_ray_local")
+
 
 def rows_file(path, n, planted=True):
     rows = [

@@ -15,6 +15,9 @@ from dprm_ray.policy import score_responses
 from dprm_ray.policy_config import DistillLossConfig
 from dprm_ray.reward_models import RewardData, build_reward_model, predict
 
+# The jobs these tests start join the session's Ray cluster (see conftest.py).
+pytestmark = pytest.mark.usefixtures("jobs_join_ray_local")
+
 
 def write_pairs(path, n=40):
     rows = [

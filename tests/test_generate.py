@@ -9,6 +9,9 @@ from conftest import run_cli
 
 from dprm_ray.jobs.generate import main
 
+# The jobs these tests start join the session's Ray cluster (see conftest.py).
+pytestmark = pytest.mark.usefixtures("jobs_join_ray_local")
+
 
 @pytest.fixture
 def prompts(tmp_path):

@@ -13,6 +13,9 @@ from dprm_ray.jobs.quickstart import QuickstartConfig, resolve
 from dprm_ray.labels import hh6
 from dprm_ray.report import METHODS, Report, gold_stats, render_html, share_stats, write_report
 
+# The jobs these tests start join the session's Ray cluster (see conftest.py).
+pytestmark = pytest.mark.usefixtures("jobs_join_ray_local")
+
 
 def test_share_stats_mean_and_std_over_seeds():
     # Seed 0: 3 of 4 answers in category 0, 1 in category 2; seed 1: 1 of 2 in 0, 1 in 5.

@@ -99,6 +99,7 @@ def test_cli_bad_search_exits_2_naming_it(tmp_path):
 
 
 @pytest.mark.slow
+@pytest.mark.usefixtures("jobs_join_ray_local")
 def test_four_trial_asha_sweep(tmp_path):
     # Trials run one after the other in grid order (lr varies fastest): a good lr first, so the
     # hopeless lr=1e-7 trials trail it at the first rung and ASHA stops them.
@@ -144,6 +145,7 @@ def test_four_trial_asha_sweep(tmp_path):
 
 
 @pytest.mark.slow
+@pytest.mark.usefixtures("jobs_join_ray_local")
 def test_killed_sweep_resumes_without_rerunning_finished_trials(tmp_path):
     config = tiny_config(
         tmp_path,

@@ -241,6 +241,7 @@ def _policy_weights(out: Path) -> dict:
 
 
 @pytest.mark.slow
+@pytest.mark.usefixtures("jobs_join_ray_local")
 def test_killed_driver_resumes_to_the_same_weights(tmp_path):
     """A driver killed (SIGKILL, with its local Ray) after its step-2 checkpoint and run again
     with resume=true ends at the same step with the same weights as an uninterrupted run."""

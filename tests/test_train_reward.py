@@ -16,7 +16,8 @@ from conftest import REPO, run_cli
 from dprm_ray.data import write_rows
 from dprm_ray.reward_models import DistributionalRewardModel, load_reward_model
 
-pytestmark = pytest.mark.slow
+# Its jobs join the session's Ray cluster (see conftest.py).
+pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("jobs_join_ray_local")]
 
 # Four kinds of response, each with its own crowd distribution over hh6.
 KINDS = {"kind helpful answer": 0, "neutral reply": 1, "unsure response": 2, "rude harmful": 5}
