@@ -23,7 +23,7 @@ quickstart: setup
 	$(PYTHON) -m dprm_ray.jobs.quickstart
 
 test: setup
-	$(PYTHON) -m pytest
+	$(PYTHON) -m pytest --durations=20
 
 test-fast: setup
 	$(PYTHON) -m pytest -m "not slow" -x -q

@@ -36,20 +36,28 @@ from dprm_ray.jobs.cli import JOB_NAMES, job
 HH6 = [1 / 6] * 6
 
 
-def _ray_started() -> bool:
-    ray = sys.modules.get("ray")
-    return ray is not None and ray.is_initialized()
+class RayStartedOnBadInput(AssertionError):
+    pass
 
 
 def run_main(job_name: str, args: list[str], capsys) -> tuple[int, str]:
-    """Exit code and stderr+stdout of `dprm-ray JOB ARGS`, run in this process."""
+    """Exit code and stderr+stdout of `dprm-ray JOB ARGS`, run in this process; the job must not
+    reach ray.init (asked of ray.init itself: this process may hold other tests' Ray cluster)."""
+    import ray
+
     module = importlib.import_module("dprm_ray.jobs." + job_name.replace("-", "_"))
+
+    def refuse(*_args, **_kwargs):
+        raise RayStartedOnBadInput(f"{job_name} started Ray on bad input")
+
+    real_init, ray.init = ray.init, refuse
     try:
         code = module.main(args)
     except SystemExit as exc:  # a job that exits by itself (none should)
         code = exc.code
+    finally:
+        ray.init = real_init
     out = capsys.readouterr()
-    assert not _ray_started(), f"{job_name} started Ray on bad input"
     return code, out.err + out.out
 
 

@@ -4,7 +4,8 @@ By default the console shows what the jobs print themselves (stage headers, prog
 results). The libraries' INFO and WARNING records on the driver (Ray, Ray Data, Ray Train/Tune,
 transformers) go to `<output_dir>/job.log` and only their errors reach the console; the actors'
 own output (vLLM engine lines, DeepSpeed, weight-loading bars) stays in Ray's per-worker files
-under the session folder, `/tmp/ray/session_latest/logs` on a local cluster. `--verbose` (any job)
+under the session folder, `/tmp/ray/session_latest/logs` on a local cluster, except for the Ray
+Train workers of train-reward and distill, whose output is the training progress bar. `--verbose` (any job)
 sets DPRM_RAY_VERBOSE=1, which the quickstart's stages inherit, and shows all of it as Ray
 normally does.
 """
@@ -82,9 +83,13 @@ def restore_library_logs() -> None:
         logger.setLevel(level)
 
 
-def init_ray(address: str | None, output_dir: str | Path, **kwargs) -> object:
+def init_ray(
+    address: str | None, output_dir: str | Path, actor_output: bool = False, **kwargs
+) -> object:
     """`ray.init` for a job: joins `address` (or RAY_ADDRESS, or starts a local cluster), with the
-    driver's library logs routed to `<output_dir>/job.log` unless verbose."""
+    driver's library logs routed to `<output_dir>/job.log` unless verbose. `actor_output`: the
+    actors print the job's own progress (Ray Train workers: the training bar, where a run resumed),
+    so their output reaches the console even when not verbose."""
     import ray
 
     loud = verbose()
@@ -94,4 +99,9 @@ def init_ray(address: str | None, output_dir: str | Path, **kwargs) -> object:
         os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     # Before ray.init, whose own "Connecting to ..." lines should land in the file too.
     route_library_logs(Path(output_dir) / LOG_FILE)
-    return ray.init(address=address or None, ignore_reinit_error=True, log_to_driver=loud, **kwargs)
+    return ray.init(
+        address=address or None,
+        ignore_reinit_error=True,
+        log_to_driver=loud or actor_output,
+        **kwargs,
+    )

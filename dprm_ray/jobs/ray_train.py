@@ -49,7 +49,7 @@ def fit(schema: type, worker: Callable[..., dict], plain: dict, name: str) -> di
 
     scale = plain["scale"]
     out_dir = Path(plain["output_dir"])
-    init_ray(scale["address"], out_dir)
+    init_ray(scale["address"], out_dir, actor_output=True)  # rank 0 prints the progress bar
     trainer = TorchTrainer(
         functools.partial(_worker_loop, schema, worker),
         train_loop_config=plain,
