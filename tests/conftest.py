@@ -35,6 +35,15 @@ def run_cli(
     )
 
 
+@pytest.hookimpl(tryfirst=True)  # before `-m "not slow"` deselects
+def pytest_collection_modifyitems(config, items):
+    """A test on the session's Ray cluster (directly or through a fixture) takes 5-60 s here, so
+    it is `slow`: `make test` runs it, `make test-fast` leaves it out."""
+    for item in items:
+        if "ray_local" in item.fixturenames:
+            item.add_marker(pytest.mark.slow)
+
+
 @pytest.fixture(scope="session")
 def ray_local():
     """A real local Ray cluster for the tests that need one (shut down at the end)."""

@@ -1,10 +1,12 @@
 import json
 
+import pytest
 from conftest import HH_RLHF, run_cli
 
 from dprm_ray.reward_models import build_reward_model
 
 
+@pytest.mark.slow
 def test_evaluate_bt_model_on_hh_rlhf_transcripts(tmp_path):
     model, tok = build_reward_model("bradley-terry", "tiny-encoder:0", backbone_kind="encoder")
     model.save(tmp_path / "bt", tok)
@@ -24,6 +26,7 @@ def test_evaluate_bt_model_on_hh_rlhf_transcripts(tmp_path):
     assert metrics["model_type"] == "bradley-terry"
 
 
+@pytest.mark.slow
 def test_evaluate_refuses_bad_rows_naming_them(tmp_path):
     model, tok = build_reward_model("bradley-terry", "tiny-encoder:0", backbone_kind="encoder")
     model.save(tmp_path / "bt", tok)
@@ -38,6 +41,7 @@ def test_evaluate_refuses_bad_rows_naming_them(tmp_path):
     assert f"{HH_RLHF}:317: empty text in 'chosen'" in proc.stderr
 
 
+@pytest.mark.slow
 def test_frozen_backbone_evaluation_from_cached_features_equals_raw_text_scoring(tmp_path):
     import numpy as np
     import torch
@@ -72,6 +76,7 @@ def test_frozen_backbone_evaluation_from_cached_features_equals_raw_text_scoring
     assert np.isclose(got, pairwise_accuracy(chosen["expected"], rejected["expected"]))
 
 
+@pytest.mark.slow
 def test_evaluate_scores_a_pal_model_as_a_users_reward(tmp_path):
     import numpy as np
     import torch

@@ -37,6 +37,7 @@ def data(tmp_path_factory):
     return out
 
 
+@pytest.mark.slow
 def test_persona_users_train_and_adapt(tmp_path, data):
     sizes = {
         name: len(load_rows(data / f"{name}.parquet", kind="pairs").rows)

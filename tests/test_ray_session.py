@@ -5,6 +5,7 @@ import subprocess
 import sys
 import textwrap
 
+import pytest
 from conftest import REPO
 
 
@@ -41,6 +42,7 @@ def _job(tmp_path, verbose: bool) -> subprocess.CompletedProcess:
     )
 
 
+@pytest.mark.slow
 def test_library_lines_go_to_the_job_log_and_errors_to_the_console(tmp_path):
     quiet = _job(tmp_path / "quiet", verbose=False)
     assert quiet.returncode == 0, quiet.stderr[-2000:]

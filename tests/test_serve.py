@@ -243,6 +243,7 @@ def test_cli_serves_until_interrupted_and_exits_0(tmp_path, stop_signal):
         urllib.request.urlopen(f"http://127.0.0.1:{port}/healthz", timeout=5)
 
 
+@pytest.mark.slow
 def test_cli_refuses_a_folder_that_is_no_reward_model_and_an_unset_token(tmp_path):
     from conftest import run_cli
 

@@ -90,6 +90,7 @@ def test_bad_search_names_the_key(tmp_path, search, message):
         _space(tmp_path, "search:\n" + search)
 
 
+@pytest.mark.slow
 def test_cli_bad_search_exits_2_naming_it(tmp_path):
     config = tiny_config(tmp_path, "search:\n  targets.eps: {normal: [0, 1]}\n")
     proc = run_cli("sweep", "--config", str(config), f"output_dir={tmp_path / 'out'}")

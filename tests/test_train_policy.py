@@ -146,6 +146,7 @@ def test_category_shares_and_prompt_files(tmp_path):
     assert [r["prompt"] for r in load_prompts(str(annotations), "train")] == ["a", "b"]
 
 
+@pytest.mark.slow
 def test_config_errors_name_the_key(tmp_path):
     args = ppo_config(tmp_path)
     no_model = [a for a in args if not a.startswith("reward.model=")]
