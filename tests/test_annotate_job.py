@@ -93,7 +93,7 @@ def test_bad_input_and_config_fail_naming_the_problem(tmp_path):
 @pytest.mark.slow
 def test_resume_after_kill_gives_exactly_one_row_per_input_row(tmp_path):
     inp = tmp_path / "in.parquet"
-    rows = rows_file(inp, 160)
+    rows = rows_file(inp, 64)  # 32 parts of 2 rows: the kill comes after 3
     args = annotate_args(tmp_path, inp, "pool.batch_size=2", "pool.max_actors=1")
     args = [a if a != "judge.personas_per_item=3" else "judge.personas_per_item=0" for a in args]
     proc = subprocess.Popen(

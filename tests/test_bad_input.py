@@ -469,6 +469,8 @@ def test_out_of_range_on_the_command_line_exits_2_before_anything(
 
 
 @pytest.mark.slow
+# The job joins the session's Ray cluster, as under `ray job submit`.
+@pytest.mark.usefixtures("jobs_join_ray_local")
 @pytest.mark.parametrize("sig, code", [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
 def test_interrupt_exits_with_its_code_and_one_line(tmp_path, sig, code):
     """A running annotate job (Ray started, judges at work) stopped by Ctrl-C or SIGTERM: one
