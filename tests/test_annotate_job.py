@@ -48,54 +48,14 @@ def annotate_args(tmp_path, inp, *extra):
     )
 
 
-def test_annotate_writes_valid_rows_rejects_and_skips_on_rerun(tmp_path):
-    inp = tmp_path / "in.parquet"
-    rows = rows_file(inp, 24)
-    proc = run_cli(*annotate_args(tmp_path, inp, "pool.batch_size=4"))
-    assert proc.returncode == 0, proc.stderr
-    out = load_rows(tmp_path / "ann.parquet", kind="annotations", num_labels=6).rows
-    assert len(out) == 20  # 24 rows - 3 rejects - 1 duplicate
-    for row in out:
-        for key in ("prior", "posterior", "target"):
-            assert abs(sum(row[key]) - 1) < 1e-6
-        assert len(row["votes"]) == len(row["persona_ids"]) == 3
-        assert row["judge"] == "transformers:tiny"
-    assert [r["prompt"] for r in out] == [
-        r["prompt"] for i, r in enumerate(rows) if i not in (3, 4, 5, 7)
-    ]  # input order
-    rejects = pq.read_table(tmp_path / "ann.rejects.parquet").to_pylist()
-    reasons = {r["row_key"]: r["reason"] for r in rejects}
-    assert reasons[row_key("", rows[3]["response"])] == "empty prompt"
-    assert reasons[row_key(rows[4]["prompt"], "  ")] == "empty response"
-    assert "judge.max_tokens=1500" in reasons[row_key(rows[5]["prompt"], rows[5]["response"])]
-    metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
-    assert (metrics["processed"], metrics["rejected"], metrics["skipped"]) == (20, 3, 0)
-    assert metrics["duplicates"] == 1
-    assert "processed 20, rejected 3, skipped 0" in proc.stdout
-    assert not (tmp_path / "ann.parquet.parts").exists()
-
-    before = pq.read_table(tmp_path / "ann.parquet")
-    again = run_cli(*annotate_args(tmp_path, inp))
-    assert again.returncode == 0, again.stderr
-    assert "processed 0, rejected 0, skipped 23" in again.stdout
-    assert pq.read_table(tmp_path / "ann.parquet").equals(before)
-
-
-def test_bad_input_and_config_fail_naming_the_problem(tmp_path):
-    inp = tmp_path / "in.parquet"
-    pq.write_table(pa.table({"prompt": ["a"], "text": ["b"]}), inp)
-    proc = run_cli(*annotate_args(tmp_path, inp))
-    assert proc.returncode == 1 and "missing column(s) response" in proc.stderr
-    proc = run_cli(*annotate_args(tmp_path, inp, "judge.vote=majority"))
-    assert proc.returncode == 2 and "judge.vote" in proc.stderr
-
-
 @pytest.mark.slow
-def test_resume_after_kill_gives_exactly_one_row_per_input_row(tmp_path):
+def test_annotate_end_to_end_killed_resumed_and_rerun(tmp_path):
+    """The job's one end-to-end test: a run SIGKILLed after 3 of its 20 parts and run again gives
+    exactly one row per input row (valid rows in input order, rejects with their reasons, the
+    duplicate once); a third run skips every row and leaves the file as it was."""
     inp = tmp_path / "in.parquet"
-    rows = rows_file(inp, 64)  # 32 parts of 2 rows: the kill comes after 3
+    rows = rows_file(inp, 40)  # 20 parts of 2 rows: the kill comes after 3
     args = annotate_args(tmp_path, inp, "pool.batch_size=2", "pool.max_actors=1")
-    args = [a if a != "judge.personas_per_item=3" else "judge.personas_per_item=0" for a in args]
     proc = subprocess.Popen(
         [sys.executable, "-m", "dprm_ray.jobs.cli", *args],
         cwd=REPO,
@@ -116,12 +76,40 @@ def test_resume_after_kill_gives_exactly_one_row_per_input_row(tmp_path):
     assert resumed.returncode == 0, resumed.stderr
     metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
     assert metrics["skipped"] >= 6  # the parts written before the kill were kept
-    out = pq.read_table(tmp_path / "ann.parquet").column("row_key").to_pylist()
-    rejected = pq.read_table(tmp_path / "ann.rejects.parquet").column("row_key").to_pylist()
-    expected = {row_key(r["prompt"], r["response"]) for r in rows}
-    assert len(out) == len(set(out)) and len(rejected) == len(set(rejected))
-    assert set(out) | set(rejected) == expected and not set(out) & set(rejected)
-    assert len(out) + len(rejected) == len(rows) - 1  # the one duplicate
+    assert metrics["duplicates"] == 1
+    assert metrics["processed"] + metrics["rejected"] + metrics["skipped"] == 39
+    out = load_rows(tmp_path / "ann.parquet", kind="annotations", num_labels=6).rows
+    assert len(out) == 36  # 40 rows - 3 rejects - 1 duplicate, each once
+    assert [r["prompt"] for r in out] == [
+        r["prompt"] for i, r in enumerate(rows) if i not in (3, 4, 5, 7)
+    ]  # input order
+    for row in out:
+        for key in ("prior", "posterior", "target"):
+            assert abs(sum(row[key]) - 1) < 1e-6
+        assert len(row["votes"]) == len(row["persona_ids"]) == 3
+        assert row["judge"] == "transformers:tiny"
+    rejects = pq.read_table(tmp_path / "ann.rejects.parquet").to_pylist()
+    assert len(rejects) == 3
+    reasons = {r["row_key"]: r["reason"] for r in rejects}
+    assert reasons[row_key("", rows[3]["response"])] == "empty prompt"
+    assert reasons[row_key(rows[4]["prompt"], "  ")] == "empty response"
+    assert "judge.max_tokens=1500" in reasons[row_key(rows[5]["prompt"], rows[5]["response"])]
+    assert not parts.exists()
+
+    before = pq.read_table(tmp_path / "ann.parquet")
+    again = run_cli(*annotate_args(tmp_path, inp))
+    assert again.returncode == 0, again.stderr
+    assert "processed 0, rejected 0, skipped 39" in again.stdout
+    assert pq.read_table(tmp_path / "ann.parquet").equals(before)
+
+
+def test_bad_input_and_config_fail_naming_the_problem(tmp_path):
+    inp = tmp_path / "in.parquet"
+    pq.write_table(pa.table({"prompt": ["a"], "text": ["b"]}), inp)
+    proc = run_cli(*annotate_args(tmp_path, inp))
+    assert proc.returncode == 1 and "missing column(s) response" in proc.stderr
+    proc = run_cli(*annotate_args(tmp_path, inp, "judge.vote=majority"))
+    assert proc.returncode == 2 and "judge.vote" in proc.stderr
 
 
 @pytest.mark.slow

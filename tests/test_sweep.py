@@ -220,7 +220,7 @@ def head_without_dashboard():
 
 @pytest.mark.slow
 def test_multi_worker_trials_run_ray_train_with_deepspeed(tmp_path, head_without_dashboard):
-    # Each trial is a TorchTrainer with 2 DeepSpeed ZeRO-2 workers (gloo) taking 1.8 of the
+    # Each trial is a TorchTrainer with 2 DeepSpeed ZeRO-3 workers (gloo) taking 1.8 of the
     # head's 2 CPUs, so one trial runs at a time; ASHA stops the hopeless one, whose workers must
     # give their CPUs back for the next trial to start.
     config = tiny_config(
@@ -228,7 +228,7 @@ def test_multi_worker_trials_run_ray_train_with_deepspeed(tmp_path, head_without
         "search:\n  optim.lr: {grid: [0.003, 1.0e-7, 0.003]}\nresources: {workers: 2, cpus: 0.9}\n",
         steps=20,
     )
-    config.write_text(config.read_text().replace("zero_stage: 0", "zero_stage: 2"))
+    config.write_text(config.read_text().replace("zero_stage: 0", "zero_stage: 3"))
     out = tmp_path / "out"
     proc = subprocess.run(
         [sys.executable, "-m", "dprm_ray.jobs.cli", "sweep", "--config", str(config)]

@@ -200,11 +200,17 @@ def test_ppo_raises_a_planted_reward(ray_local, tmp_path):
     assert (out / "policy" / "config.json").is_file()
 
 
+def _policy_weights(out: Path) -> dict:
+    return load_file(out / "policy" / "model.safetensors")
+
+
 @pytest.mark.slow
-def test_lost_rollout_worker_and_reward_shard_lose_no_prompt(ray_local, tmp_path):
-    """Step 1: a rollout worker is killed with ray.kill as soon as it gets a chunk; step 2: a
-    reward shard's process gets SIGKILL. Both come back (max_restarts) and every prompt of
-    every step is trained on exactly once."""
+def test_lost_actors_and_a_killed_driver_change_nothing(ray_local, monkeypatch, tmp_path):
+    """Run A, in-process: at step 1 a rollout worker is killed with ray.kill as soon as it gets a
+    chunk, at step 2 a reward shard's process gets SIGKILL. Both come back (max_restarts) and
+    every prompt of every step is trained on exactly once. Run B, the same config as a CLI job:
+    its driver is killed (SIGKILL) after its first checkpoint and run again; it resumes and ends
+    at the same step with the same weights as run A."""
     import ray
 
     from dprm_ray.config import load_config
@@ -221,11 +227,13 @@ def test_lost_rollout_worker_and_reward_shard_lose_no_prompt(ray_local, tmp_path
             killed.append("shard")
             os.kill(ray.get(handle.pid.remote()), signal.SIGKILL)
 
-    cfg = load_config(TrainPolicyConfig, None, ppo_config(tmp_path, steps=3, checkpoint_every="5"))
-    train_policy(cfg, on_event=on_event)
+    run_a = tmp_path / "a"
+    run_a.mkdir()
+    cfg = load_config(TrainPolicyConfig, None, ppo_config(run_a, steps=3, checkpoint_every="1"))
+    metrics_a = train_policy(cfg, on_event=on_event)
     assert killed == ["worker", "shard"]
-    log = steps_log(tmp_path / "out")
-    prompts = load_prompts(str(tmp_path / "prompts.jsonl"), "train")
+    log = steps_log(run_a / "out")
+    prompts = load_prompts(str(run_a / "prompts.jsonl"), "train")
     assert [r["step"] for r in log] == [1, 2, 3]
     for r in log:
         ids = r["prompt_ids"]
@@ -236,25 +244,16 @@ def test_lost_rollout_worker_and_reward_shard_lose_no_prompt(ray_local, tmp_path
     assert log[1]["redispatched"] >= 1  # step 2 of the log is step index 1
     assert log[2]["rescored"] >= 1
 
-
-def _policy_weights(out: Path) -> dict:
-    return load_file(out / "policy" / "model.safetensors")
-
-
-@pytest.mark.slow
-@pytest.mark.usefixtures("jobs_join_ray_local")
-def test_killed_driver_resumes_to_the_same_weights(tmp_path):
-    """A driver killed (SIGKILL, with its local Ray) after its step-2 checkpoint and run again
-    with resume=true ends at the same step with the same weights as an uninterrupted run."""
-    straight = tmp_path / "straight"
-    straight.mkdir()
-    args = ppo_config(straight, steps=4)
-    proc = run_cli("train-policy", *args)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-
-    killed = tmp_path / "killed"
-    killed.mkdir()
-    args = ppo_config(killed, steps=4)
+    # Run B joins the session's cluster as a job would (RAY_ADDRESS, see conftest.py), once every
+    # CPU of run A's actors is back.
+    deadline = time.monotonic() + 120
+    while ray.available_resources().get("CPU", 0) < ray.cluster_resources()["CPU"]:
+        assert time.monotonic() < deadline, "run A's actors still hold CPUs"
+        time.sleep(0.5)
+    monkeypatch.setenv("RAY_ADDRESS", ray.get_runtime_context().gcs_address)
+    run_b = tmp_path / "b"
+    run_b.mkdir()
+    args = ppo_config(run_b, steps=3, checkpoint_every="1")
     driver = subprocess.Popen(
         [sys.executable, "-m", "dprm_ray.jobs.cli", "train-policy", *args],
         cwd=REPO,
@@ -263,21 +262,18 @@ def test_killed_driver_resumes_to_the_same_weights(tmp_path):
         start_new_session=True,
     )
     deadline = time.time() + 400
-    while latest_checkpoint(killed / "out" / "checkpoints") is None:
-        assert driver.poll() is None and time.time() < deadline, "driver ended before step 2"
+    while latest_checkpoint(run_b / "out" / "checkpoints") is None:
+        assert driver.poll() is None and time.time() < deadline, "driver ended before step 1"
         time.sleep(0.2)
     os.killpg(driver.pid, signal.SIGKILL)
     driver.wait()
-    assert not (killed / "out" / "metrics.json").exists()
+    assert not (run_b / "out" / "metrics.json").exists()
     resumed = run_cli("train-policy", *args)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert "resumed from" in resumed.stdout
-    a, b = (
-        json.loads((straight / "out" / "metrics.json").read_text()),
-        json.loads((killed / "out" / "metrics.json").read_text()),
-    )
-    assert a["steps"] == b["steps"] == 4
-    wa, wb = _policy_weights(straight / "out"), _policy_weights(killed / "out")
+    metrics_b = json.loads((run_b / "out" / "metrics.json").read_text())
+    assert metrics_a["steps"] == metrics_b["steps"] == 3
+    wa, wb = _policy_weights(run_a / "out"), _policy_weights(run_b / "out")
     assert wa.keys() == wb.keys()
     for name in wa:
         torch.testing.assert_close(wa[name], wb[name], rtol=0, atol=1e-6, msg=name)

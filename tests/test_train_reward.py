@@ -53,78 +53,44 @@ TINY_LM = [
 ]
 
 
-@pytest.mark.parametrize("zero_stage, wandb_mode", [(2, "disabled"), (3, "offline")])
-def test_tiny_lm_deepspeed_two_workers(tmp_path, zero_stage, wandb_mode):
-    data = write_annotations(tmp_path / "ann.parquet")
-    held = write_annotations(tmp_path / "held.parquet", prompts=9)
-    out = tmp_path / "run"
-    proc = run_cli(
-        "train-reward",
-        f"data={data}",
-        f"eval_data={held}",
-        *TINY_LM,
-        f"scale.zero_stage={zero_stage}",
-        f"wandb.mode={wandb_mode}",
-        "optim.batch_size=8",
-        "optim.epochs=3",
-        "optim.lr=3e-3",
-        f"output_dir={out}",
-    )
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    metrics = json.loads((out / "metrics.json").read_text())
-    assert metrics["steps"] == 3 * (128 // 16)
-    assert {"w1", "ce", "ece", "spearman", "pairwise_accuracy"} <= set(metrics)
-    assert (out / "config.yaml").is_file() and (out / "checkpoints" / "latest").is_file()
-    offline_runs = list((out / "wandb").glob("offline-run-*")) if (out / "wandb").exists() else []
-    assert len(offline_runs) == (1 if wandb_mode == "offline" else 0)
-    model, tok = load_reward_model(out / "model")
-    assert isinstance(model, DistributionalRewardModel)
-    # The saved model separates helpful from harmful responses it never saw.
-    from dprm_ray.reward_models import tokenize_pairs
-
-    enc = tokenize_pairs(
-        tok, ["question number 999?"] * 2, ["kind helpful answer 999", "rude harmful 999"], 256
-    )
-    good, bad = model.predict(**enc).expected.tolist()
-    assert good > bad
-
-    # `evaluate reward` on the held-out file reproduces the job's own (sharded) evaluation.
-    proc = run_cli(
-        "evaluate",
-        "reward",
-        f"model={out / 'model'}",
-        f"data={held}",
-        f"output_dir={tmp_path / 'ev'}",
-    )
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    evaluated = json.loads((tmp_path / "ev" / "metrics.json").read_text())
-    for key in ("w1", "ce", "ece", "spearman", "pairwise_accuracy", "n"):
-        assert evaluated[key] == pytest.approx(metrics[key], abs=1e-5), key
-
-
 def _metrics_without_time(path: Path) -> dict:
     metrics = json.loads(path.read_text())
     metrics.pop("wall_time_s")
     return metrics
 
 
-def test_kill_and_resume_equals_uninterrupted(tmp_path):
-    data = write_annotations(tmp_path / "ann.parquet", prompts=128)
+def test_train_reward_end_to_end_killed_and_resumed(tmp_path):
+    """The job's one end-to-end test: a tiny causal LM on 2 DeepSpeed ZeRO-2 workers with a
+    held-out set and offline W&B; the same run SIGKILLed after its first checkpoint and run again
+    resumes and ends with the same metrics and weights; the saved model separates kinds of
+    response it never saw, and `evaluate reward` reproduces the job's own (sharded) evaluation.
+    ZeRO-3 runs in test_sweep's multi-worker trials."""
+    data = write_annotations(tmp_path / "ann.parquet", prompts=64)
+    held = write_annotations(tmp_path / "held.parquet", prompts=9)
     common = [
         f"data={data}",
+        f"eval_data={held}",
         *TINY_LM,
+        "scale.zero_stage=2",
         "optim.batch_size=4",
-        "optim.max_steps=240",
-        "checkpoint_every=20",
+        "optim.max_steps=120",
+        "optim.lr=3e-3",
+        "checkpoint_every=10",
         "log_every=20",
-        "wandb.mode=disabled",
     ]
-    full = run_cli("train-reward", *common, f"output_dir={tmp_path / 'full'}")
+    full_out = tmp_path / "full"
+    full = run_cli("train-reward", *common, "wandb.mode=offline", f"output_dir={full_out}")
     assert full.returncode == 0, full.stderr[-3000:]
+    metrics = json.loads((full_out / "metrics.json").read_text())
+    assert metrics["steps"] == 120
+    assert {"w1", "ce", "ece", "spearman", "pairwise_accuracy"} <= set(metrics)
+    assert (full_out / "config.yaml").is_file() and (full_out / "checkpoints" / "latest").is_file()
+    assert len(list((full_out / "wandb").glob("offline-run-*"))) == 1
 
     out = tmp_path / "killed"
+    args = ["train-reward", *common, "wandb.mode=disabled", f"output_dir={out}"]
     proc = subprocess.Popen(
-        [sys.executable, "-m", "dprm_ray.jobs.cli", "train-reward", *common, f"output_dir={out}"],
+        [sys.executable, "-m", "dprm_ray.jobs.cli", *args],
         cwd=REPO,
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
@@ -138,20 +104,44 @@ def test_kill_and_resume_equals_uninterrupted(tmp_path):
     proc.wait()
     assert not (out / "metrics.json").exists(), "the run finished before it could be killed"
     killed_at = (out / "checkpoints" / "latest").read_text().strip()
-    assert killed_at != "step_240"
+    assert killed_at != "step_120"
 
-    resumed = run_cli("train-reward", *common, f"output_dir={out}")
+    resumed = run_cli(*args)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert "resumed from" in resumed.stdout + resumed.stderr
+    assert not (out / "wandb").exists()
     want, got = (
-        _metrics_without_time(tmp_path / "full" / "metrics.json"),
+        _metrics_without_time(full_out / "metrics.json"),
         _metrics_without_time(out / "metrics.json"),
     )
     assert want.keys() == got.keys()
     for key in want:
         if isinstance(want[key], float):
             assert got[key] == pytest.approx(want[key], abs=1e-6), key
-    a, _ = load_reward_model(tmp_path / "full" / "model")
+    a, tok = load_reward_model(full_out / "model")
     b, _ = load_reward_model(out / "model")
+    assert isinstance(a, DistributionalRewardModel)
     for (name, pa), (_, pb) in zip(a.state_dict().items(), b.state_dict().items(), strict=True):
         assert torch.allclose(pa, pb, atol=1e-6), name
+
+    # The saved model separates helpful from harmful responses it never saw.
+    from dprm_ray.reward_models import tokenize_pairs
+
+    enc = tokenize_pairs(
+        tok, ["question number 999?"] * 2, ["kind helpful answer 999", "rude harmful 999"], 256
+    )
+    good, bad = a.predict(**enc).expected.tolist()
+    assert good > bad
+
+    # `evaluate reward` on the held-out file reproduces the job's own (sharded) evaluation.
+    proc = run_cli(
+        "evaluate",
+        "reward",
+        f"model={full_out / 'model'}",
+        f"data={held}",
+        f"output_dir={tmp_path / 'ev'}",
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    evaluated = json.loads((tmp_path / "ev" / "metrics.json").read_text())
+    for key in ("w1", "ce", "ece", "spearman", "pairwise_accuracy", "n"):
+        assert evaluated[key] == pytest.approx(metrics[key], abs=1e-5), key
