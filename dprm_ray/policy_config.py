@@ -215,17 +215,7 @@ class RolloutConfig:
                 f"{prefix}.sync=nccl needs {prefix}.engine=vllm and {prefix}.gpus_per_worker > 0 "
                 "(use sync=object_store on CPU)"
             )
-        for name in ("num_workers", "max_new_tokens", "max_prompt_tokens", "batch_size"):
-            if getattr(self, name) < 1:
-                raise ConfigError(f"{prefix}.{name} must be >= 1, got {getattr(self, name)}")
-        if self.temperature <= 0:
-            raise ConfigError(
-                f"{prefix}.temperature must be > 0 (PPO samples), got {self.temperature}"
-            )
-        if not 0 < self.top_p <= 1:
-            raise ConfigError(f"{prefix}.top_p must be in (0, 1], got {self.top_p}")
-        if self.max_restarts < 0 or self.sync_timeout_s <= 0:
-            raise ConfigError(f"{prefix}.max_restarts must be >= 0 and sync_timeout_s > 0")
+        check_ranges(self, RolloutConfig, f"{prefix}.")
         if self.engine == "vllm":
             need = self.max_prompt_tokens + self.max_new_tokens
             if self.vllm.max_model_len < need:
