@@ -21,6 +21,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import random
 import time
 import urllib.error
 import urllib.request
@@ -86,7 +87,14 @@ class OpenAIJudgeConfig:
     )
     timeout_s: float = field(default=60.0, metadata={"above": 0})
     max_retries: int = field(default=3, metadata={"min": 0})
-    backoff_s: float = field(default=1.0, metadata={"min": 0})
+    backoff_s: float = field(
+        default=1.0,
+        metadata={"min": 0, "help": "first retry's wait, doubled per retry, jittered x0.5-1.5"},
+    )
+    max_wait_s: float = field(
+        default=60.0,
+        metadata={"above": 0, "help": "longest wait before a retry (caps Retry-After and backoff)"},
+    )
     top_logprobs: int = field(
         default=20,
         metadata={"min": 1, "help": "top log-probs to ask for (options must appear in them)"},
@@ -412,11 +420,35 @@ def _no_cuda() -> bool:
     return not torch.cuda.is_available()
 
 
+def retry_wait(
+    attempt: int,
+    backoff_s: float,
+    max_wait_s: float,
+    retry_after: str | None,
+    rng: random.Random,
+) -> float:
+    """Seconds to wait before retry number `attempt` (1, 2, ...), at most `max_wait_s`.
+
+    The server's `Retry-After` in its seconds form when it sent one; otherwise (no header, or
+    the HTTP-date form) `backoff_s * 2**(attempt-1)` times a uniform factor in [0.5, 1.5), so
+    that many clients refused at once spread their retries instead of arriving together.
+    """
+    if retry_after is not None:
+        try:
+            seconds = float(retry_after.strip())
+        except ValueError:
+            seconds = -1.0
+        if 0 <= seconds < float("inf"):
+            return min(seconds, max_wait_s)
+    return min(backoff_s * 2 ** (attempt - 1) * rng.uniform(0.5, 1.5), max_wait_s)
+
+
 class OpenAIJudge:
     """Any OpenAI-compatible `/completions` endpoint that returns `logprobs` (top log-probs).
 
-    Transient failures (timeouts, connection errors, 429, 5xx) are retried with exponential
-    backoff; a prompt still failing becomes a reject. 401/403/404 stop the job: nothing can work.
+    Transient failures (timeouts, connection errors, 429, 5xx) are retried after the server's
+    `Retry-After` or an exponential backoff with jitter (`retry_wait`); a prompt still failing
+    becomes a reject. 401/403/404 stop the job: nothing can work.
     Options missing from the returned top log-probs get the smallest returned value (an upper
     bound on theirs); raise `judge.openai.top_logprobs` if the server allows more.
     """
@@ -432,13 +464,22 @@ class OpenAIJudge:
             if key:
                 self.headers["Authorization"] = f"Bearer {key}"
         self.tokens_processed = 0
+        # Unseeded on purpose: the judges of a pool refused at the same moment must not retry in
+        # step. Jitter changes only when a request is sent, never a label.
+        self.rng = random.Random()
 
     def _post(self, body: dict[str, Any]) -> dict[str, Any]:
         data = json.dumps(body).encode()
         last = ""
+        retry_after: str | None = None
         for attempt in range(self.cfg.max_retries + 1):
             if attempt:
-                time.sleep(self.cfg.backoff_s * 2 ** (attempt - 1))
+                time.sleep(
+                    retry_wait(
+                        attempt, self.cfg.backoff_s, self.cfg.max_wait_s, retry_after, self.rng
+                    )
+                )
+            retry_after = None
             request = urllib.request.Request(self.url, data=data, headers=self.headers)
             try:
                 with urllib.request.urlopen(request, timeout=self.cfg.timeout_s) as resp:
@@ -454,6 +495,7 @@ class OpenAIJudge:
                 if exc.code != 429 and exc.code < 500:
                     raise ValueError(f"{exc.code} {exc.reason}: {detail}") from None
                 last = f"{exc.code} {exc.reason}: {detail}"
+                retry_after = exc.headers.get("Retry-After") if exc.headers else None
             except (urllib.error.URLError, TimeoutError, ConnectionError) as exc:
                 last = f"{type(exc).__name__}: {getattr(exc, 'reason', exc)}"
         raise RuntimeError(f"backend error after {self.cfg.max_retries} retries: {last}")

@@ -1,21 +1,24 @@
-"""The persona judge protocol and its backends (in-process; the openai backend over real HTTP)."""
+"""The persona judge protocol and its backends (in-process; the openai backend over real HTTP to
+the scripted server of tests/openai_fixture.py, and to vLLM's in tests/test_judge_vllm_server.py)."""
 
-import threading
+import random
 
 import numpy as np
 import pytest
 import torch
+from openai_fixture import FixtureServer
 
 from dprm_ray.config import ConfigError
 from dprm_ray.crowd import aggregate, update_with_votes
 from dprm_ray.judge import (
     JudgeBackendError,
     JudgeConfig,
+    OpenAIJudge,
     PersonaJudge,
     choose_personas,
     load_personas,
+    retry_wait,
 )
-from dprm_ray.openai_server import make_server
 
 ROWS = [
     {"prompt": "Human: How do I bake bread?", "response": "Mix flour, water and yeast; bake."},
@@ -29,28 +32,15 @@ def tiny_judge():
     return PersonaJudge(JudgeConfig(model="tiny", personas_per_item=4))
 
 
-@pytest.fixture()
-def server():
-    started = []
-
-    def start(spec, api_key=None):
-        srv = make_server(spec, port=0, api_key=api_key)
-        threading.Thread(target=srv.serve_forever, daemon=True).start()
-        started.append(srv)
-        return f"http://127.0.0.1:{srv.server_port}/v1"
-
-    yield start
-    for srv in started:
-        srv.shutdown()
-        srv.server_close()
-
-
-def openai_judge(base_url, model="tiny", top=300, **judge):
+def openai_judge(base_url, model="tiny", top=300, openai=None, **judge):
+    openai = openai or {}
     cfg = JudgeConfig(model=model, backend="openai", personas_per_item=4, **judge)
     cfg.openai.base_url = base_url
     cfg.openai.top_logprobs = top
     cfg.openai.max_retries = 1
     cfg.openai.backoff_s = 0.05
+    for key, value in openai.items():
+        setattr(cfg.openai, key, value)
     return PersonaJudge(cfg)
 
 
@@ -148,51 +138,122 @@ def test_config_mistakes_name_the_key():
         PersonaJudge(JudgeConfig(model="tiny", label_space="hh7"))
 
 
-def test_openai_backend_matches_transformers_on_the_same_model(tiny_judge, server):
-    base_url = server("tiny")
-    judge = openai_judge(base_url)
-    good, rejects = judge.annotate(ROWS)
+def option_scores(judge):
+    """A fixture `score` that answers what `judge`'s own model gives the options, plus one
+    non-option token below them all (as a server's top log-probs would)."""
+
+    def score(prompts):
+        answers = judge.backend.option_logprobs(prompts)
+        return [
+            {**{str(i + 1): float(lp) for i, lp in enumerate(a)}, " The": float(min(a)) - 1}
+            for a in answers
+        ]
+
+    return score
+
+
+def test_openai_backend_matches_transformers_on_the_same_model(tiny_judge):
+    """Prompts go out in requests of judge.openai.prompts_per_request and every choice comes back
+    to its own prompt: the labels equal the transformers backend's."""
+    with FixtureServer(option_scores(tiny_judge)) as srv:
+        good, rejects = openai_judge(srv.url).annotate(ROWS)
     reference, _ = tiny_judge.annotate(ROWS)
-    assert not rejects
+    assert (
+        not rejects and len(srv.requests) == 2
+    )  # 3 rows x (1 + 4 personas) = 15 prompts, 8 a request
     for a, b in zip(good, reference, strict=True):
-        np.testing.assert_allclose(a["prior"], b["prior"], atol=1e-3)
+        np.testing.assert_allclose(a["prior"], b["prior"], atol=1e-9)
         assert a["votes"] == b["votes"]
+    assert good[0]["judge"] == "openai:tiny"
 
 
-def test_openai_backend_errors(server):
-    base_url = server("tiny", api_key="s3cret")
-    with pytest.raises(JudgeBackendError, match="401"):
-        openai_judge(base_url).annotate(ROWS[:1])
-    judge = openai_judge(base_url, model="other-name")
-    judge.backend.headers["Authorization"] = "Bearer s3cret"
-    with pytest.raises(JudgeBackendError, match="404.*model_name"):
-        judge.annotate(ROWS[:1])
+def test_openai_backend_gives_missing_options_the_smallest_returned_logprob():
+    def score(prompts):
+        return [{"1": -1.0, "2": -2.0, " The": -0.5, "x": -4.0} for _ in prompts]
+
+    with FixtureServer(score) as srv:
+        (good,), _ = openai_judge(srv.url).annotate(ROWS[:1])
+    expected = np.exp([-1.0, -2.0, -4.0, -4.0, -4.0, -4.0])
+    np.testing.assert_allclose(good["prior"], expected / expected.sum())
+
+
+def test_openai_backend_errors():
+    with FixtureServer(api_key="s3cret") as srv:
+        with pytest.raises(JudgeBackendError, match="401"):
+            openai_judge(srv.url).annotate(ROWS[:1])
+        judge = openai_judge(srv.url, model="other-name")
+        judge.backend.headers["Authorization"] = "Bearer s3cret"
+        with pytest.raises(JudgeBackendError, match="404.*model_name"):
+            judge.annotate(ROWS[:1])
+    # A 400 is the request's fault: no retry, the rows are rejected.
+    with FixtureServer(failures=[(400, {})]) as srv:
+        good, rejects = openai_judge(srv.url).annotate(ROWS[:1])
+    assert not good and "400" in rejects[0]["reason"] and len(srv.requests) == 1
     # A server that is not there: retried with backoff, then the rows are rejected (not fatal).
     dead = openai_judge("http://127.0.0.1:9/v1")
     good, rejects = dead.annotate(ROWS[:2])
     assert not good and all("after 1 retries" in r["reason"] for r in rejects)
 
 
-def test_openai_backend_reads_the_key_from_the_named_env_var(server, monkeypatch):
-    base_url = server("tiny", api_key="s3cret")
+def test_openai_backend_reads_the_key_from_the_named_env_var(monkeypatch):
     monkeypatch.setenv("JUDGE_KEY", "s3cret")
-    judge = openai_judge(base_url)
-    judge.cfg.openai.api_key_env = "JUDGE_KEY"
-    from dprm_ray.judge import OpenAIJudge
-
-    judge.backend = OpenAIJudge(judge.cfg, judge.options)
-    good, _ = judge.annotate(ROWS[:1])
+    with FixtureServer(api_key="s3cret") as srv:
+        judge = openai_judge(srv.url)
+        judge.cfg.openai.api_key_env = "JUDGE_KEY"
+        judge.backend = OpenAIJudge(judge.cfg, judge.options)
+        good, _ = judge.annotate(ROWS[:1])
     assert len(good) == 1
 
 
-@pytest.mark.slow
-def test_openai_backend_matches_transformers_on_smollm2(server):
-    rows = ROWS[:2]
-    reference, _ = PersonaJudge(JudgeConfig(model="smollm2", personas_per_item=2)).annotate(rows)
-    good, rejects = openai_judge(server("smollm2"), model="smollm2", top=20).annotate(rows)
-    assert not rejects
-    for a, b in zip(good, reference, strict=True):
-        np.testing.assert_allclose(a["prior"], b["prior"], atol=1e-3)
+def retry_gaps(failures, **openai):
+    """Annotate one row against a server that first answers `failures`; the seconds between
+    consecutive requests, and the rows."""
+    with FixtureServer(failures=failures) as srv:
+        good, rejects = openai_judge(srv.url, openai=openai).annotate(ROWS[:1])
+    return np.diff(srv.requests), good, rejects
+
+
+def test_a_429_with_retry_after_is_retried_after_that_many_seconds():
+    # Without Retry-After the backoff would wait 0.005-0.015 s.
+    gaps, good, rejects = retry_gaps([(429, {"Retry-After": "1"})], backoff_s=0.01, max_wait_s=5.0)
+    assert len(good) == 1 and not rejects
+    assert len(gaps) == 1 and 1.0 <= gaps[0] < 1.5
+
+
+def test_retry_after_is_capped_by_max_wait_s():
+    gaps, good, _ = retry_gaps([(503, {"Retry-After": "30"})], backoff_s=0.01, max_wait_s=0.3)
+    assert len(good) == 1 and len(gaps) == 1 and 0.3 <= gaps[0] < 0.8
+
+
+def test_backoff_doubles_per_retry_with_jitter_without_retry_after():
+    gaps, good, _ = retry_gaps([(503, {}), (500, {})], backoff_s=0.2, max_retries=2)
+    assert len(good) == 1 and len(gaps) == 2
+    assert 0.1 <= gaps[0] < 0.3 + 0.2 and 0.2 <= gaps[1] < 0.6 + 0.2
+
+
+def test_retry_wait_jitters_the_backoff_and_honours_retry_after():
+    rng = random.Random(0)
+    for attempt in (1, 2, 3, 4):
+        waits = [retry_wait(attempt, 1.0, 100.0, None, rng) for _ in range(200)]
+        base = 2 ** (attempt - 1)
+        assert all(0.5 * base <= w < 1.5 * base for w in waits)
+        # Spread over the whole range, not one value: clients refused together do not retry together.
+        assert min(waits) < 0.6 * base and max(waits) > 1.4 * base
+    assert retry_wait(10, 1.0, 7.5, None, rng) == 7.5  # 512 s of backoff, capped
+    assert retry_wait(1, 1.0, 60.0, "12", rng) == 12.0
+    assert retry_wait(3, 1.0, 60.0, " 0 ", rng) == 0.0
+    assert retry_wait(1, 1.0, 60.0, "120", rng) == 60.0
+    # The HTTP-date form (and nonsense) falls back to the jittered backoff.
+    for header in ("Wed, 21 Oct 2015 07:28:00 GMT", "-3", "nan", "soon"):
+        assert 0.5 <= retry_wait(1, 1.0, 60.0, header, rng) < 1.5
+
+
+@pytest.mark.parametrize("value", [0, -1.0])
+def test_max_wait_s_must_be_positive(value):
+    cfg = JudgeConfig(model="tiny", backend="openai")
+    cfg.openai.max_wait_s = value
+    with pytest.raises(ConfigError, match=rf"^judge.openai.max_wait_s: must be > 0, got {value}$"):
+        cfg.validate()
 
 
 def test_update_with_all_votes_equals_one_aggregate():
