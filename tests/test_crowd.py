@@ -13,6 +13,7 @@ from dprm_ray.crowd import (
     dirichlet_posterior,
     smooth_target,
     update_alpha,
+    update_with_votes,
     vote_counts,
 )
 
@@ -194,3 +195,13 @@ def test_aggregate():
     np.testing.assert_allclose(out["target"], [0, 0, 0.05, 0, 0.95, 0])
     with pytest.raises(ValueError, match="shape"):
         aggregate(np.full(5, 0.2), [0], K, kappa=1.0, eps=0.0)
+
+
+def test_update_with_all_votes_equals_one_aggregate():
+    prior = np.array([0.5, 0.2, 0.1, 0.1, 0.05, 0.05])
+    old, new = [0, 1, 1], [2, 1]
+    once = aggregate(prior, old + new, 6, kappa=2.0, eps=0.1)
+    updated = update_with_votes(prior, old, new, kappa=2.0, eps=0.1)
+    np.testing.assert_allclose(updated["posterior"], once["posterior"])
+    forgetful = update_with_votes(prior, old, new, kappa=2.0, eps=0.1, gamma=0.5)
+    assert forgetful["posterior"][2] > updated["posterior"][2]  # new evidence weighs more

@@ -9,7 +9,7 @@ import torch
 from openai_fixture import FixtureServer
 
 from dprm_ray.config import ConfigError
-from dprm_ray.crowd import aggregate, update_with_votes
+from dprm_ray.crowd import aggregate
 from dprm_ray.judge import (
     JudgeBackendError,
     JudgeConfig,
@@ -254,16 +254,6 @@ def test_max_wait_s_must_be_positive(value):
     cfg.openai.max_wait_s = value
     with pytest.raises(ConfigError, match=rf"^judge.openai.max_wait_s: must be > 0, got {value}$"):
         cfg.validate()
-
-
-def test_update_with_all_votes_equals_one_aggregate():
-    prior = np.array([0.5, 0.2, 0.1, 0.1, 0.05, 0.05])
-    old, new = [0, 1, 1], [2, 1]
-    once = aggregate(prior, old + new, 6, kappa=2.0, eps=0.1)
-    updated = update_with_votes(prior, old, new, kappa=2.0, eps=0.1)
-    np.testing.assert_allclose(updated["posterior"], once["posterior"])
-    forgetful = update_with_votes(prior, old, new, kappa=2.0, eps=0.1, gamma=0.5)
-    assert forgetful["posterior"][2] > updated["posterior"][2]  # new evidence weighs more
 
 
 # ----------------------------------------------------------------------------- calibration, votes
