@@ -177,6 +177,15 @@ def test_quickstart_size_key_is_accepted_and_bad_sizes_fail_before_ray(tmp_path)
     proc = run_cli("quickstart", "--print-config", "quickstart.size=tiny")
     assert proc.returncode == 0, proc.stderr
     assert "size: tiny" in proc.stdout
+    # Below the config, as comments, the values the preset gives the keys left unset.
+    proc = run_cli("quickstart", "--print-config", "size=tiny", "max_new_tokens=7")
+    assert proc.returncode == 0, proc.stderr
+    config, resolved = proc.stdout.split("# resolved: what the job runs with\n")
+    assert "policy: ''" in config and "max_new_tokens: 7" in config
+    assert "#   policy: tiny\n" in resolved and "#   max_new_tokens: 7\n" in resolved
+    assert "#   - ppo.advantage=rloo\n" in resolved
+    proc = run_cli("quickstart", "--print-config", "size=tiny", "crowd=bogus")
+    assert proc.returncode == 2 and "crowd: must be gold or judge" in proc.stderr
     proc = run_cli("quickstart", "size=huge", f"output_dir={tmp_path}")
     assert proc.returncode == 2 and "unknown size 'huge'" in proc.stderr
 

@@ -682,7 +682,7 @@ def _print_table(shares: dict[str, Any]) -> None:
 JOB = Job(
     "quickstart",
     "From prompts to an aligned policy and a report, on a laptop CPU (the main job).",
-    (Command("", __doc__.strip(), QuickstartConfig, run),),
+    (Command("", __doc__.strip(), QuickstartConfig, run, resolve=resolve),),
 )
 
 

@@ -15,7 +15,7 @@ import sys
 import threading
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -59,6 +59,9 @@ class Command:
     schema: type
     run: Callable[[Any], dict[str, Any] | None]
     positionals: tuple[str, ...] = ()  # config keys filled by positional arguments, in order
+    # For a config whose unset keys are filled in later (the quickstart's size presets): the
+    # values the job will run with, which --print-config shows below the config as comments.
+    resolve: Callable[[Any], Any] | None = None
 
 
 @dataclass(frozen=True)
@@ -167,6 +170,17 @@ def run_job(job: Job, argv: Sequence[str] | None = None) -> int:
         return EXIT_CONFIG
     if print_config:
         print(to_yaml(cfg), end="")
+        if command.resolve is not None:
+            try:
+                resolved = command.resolve(cfg)
+            except ConfigError as exc:
+                print(f"{prog}: config error: {exc}", file=sys.stderr)
+                return EXIT_CONFIG
+            # Comments, so that the output still loads as the config it shows.
+            print("# resolved: what the job runs with")
+            print(
+                "".join(f"#   {line}\n" for line in to_yaml(asdict(resolved)).splitlines()), end=""
+            )
         return EXIT_OK
 
     try:
