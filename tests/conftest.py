@@ -46,10 +46,19 @@ def pytest_collection_modifyitems(config, items):
 
 @pytest.fixture(scope="session")
 def ray_local():
-    """A real local Ray cluster for the tests that need one (shut down at the end)."""
+    """A real local Ray cluster for the tests that need one (shut down at the end).
+
+    address="local": a cluster of its own even where another is running on the machine (without
+    it, ray.init joins the one the last `ray start` recorded and refuses num_cpus)."""
     import ray
 
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, ignore_reinit_error=True)
+    ray.init(
+        address="local",
+        num_cpus=2,
+        include_dashboard=False,
+        log_to_driver=False,
+        ignore_reinit_error=True,
+    )
     yield ray
     ray.shutdown()
 

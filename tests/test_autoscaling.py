@@ -13,10 +13,12 @@ that the fixture kills at the end.
 
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 
@@ -98,6 +100,7 @@ class FakeAutoscalingCluster:
         )
         env.pop("RAY_ADDRESS", None)
         self.log = tmp_dir / "head.log"
+        self.temp_dir = tempfile.mkdtemp(prefix="rayas_", dir="/tmp")  # short: socket paths
         self.head = subprocess.Popen(
             [
                 "ray",
@@ -110,6 +113,9 @@ class FakeAutoscalingCluster:
                 "--object-store-memory=150000000",
                 "--include-dashboard=false",
                 "--disable-usage-stats",
+                # A temp dir of its own: `ray start` records its address in the default one,
+                # where every later address-less ray.init on the machine would find it.
+                f"--temp-dir={self.temp_dir}",
                 f"--autoscaling-config={config}",
             ],
             env=env,
@@ -146,6 +152,7 @@ class FakeAutoscalingCluster:
             except subprocess.TimeoutExpired:
                 os.killpg(self.head.pid, signal.SIGKILL)
                 self.head.wait()
+        shutil.rmtree(self.temp_dir, ignore_errors=True)
 
 
 class NodeTimeline:
