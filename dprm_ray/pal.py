@@ -28,8 +28,10 @@ the `population_weights` buffer when training ends); it mixes ideal points, not 
 Few-shot adaptation (`adapt_user`) learns a new user's K logits from a handful of comparisons,
 starting from log(w_bar), with everything else frozen.
 
-A saved model is a folder: `pal_model.json` (the `PALConfig`: variant, sizes, user ids, and the
-embedding backbone spec + max_length needed to score raw text) and `pal.safetensors`.
+A saved model is a folder (README "Checkpoint format"): `pal_model.json` (`type: pal`,
+`format_version`, and the `PALConfig`: variant, sizes, user ids, and the embedding backbone spec +
+max_length needed to score raw text) and `pal.safetensors` (every parameter and buffer of
+`PALModel`). `PALModel.from_pretrained` / `load_pal` read it; `save_pretrained` / `save_pal` write it.
 `PALReward` turns a folder and a user id (or "mixture") into a text reward function.
 """
 
@@ -55,6 +57,7 @@ LOSSES = ("logistic", "hinge")
 MIXTURE = "mixture"
 PAL_CONFIG = "pal_model.json"
 PAL_WEIGHTS = "pal.safetensors"
+PAL_FORMAT_VERSION = 1
 MAX_LOG_TAU = math.log(100.0)
 DIST_EPS = 1e-12  # inside the square root: keeps the distance differentiable at 0
 
@@ -119,6 +122,17 @@ class PALModel(nn.Module):
             self.g = nn.ModuleList(_mlp(config.input_dim, config.hidden_size, d) for _ in range(k))
             self.log_tau = nn.Parameter(torch.tensor(math.log(1.0 / 0.07)))
         self._index = {u: i for i, u in enumerate(config.user_ids)}
+
+    # ----------------------------------------------------------------------- save / load
+
+    def save_pretrained(self, path: str | Path) -> None:
+        """`save_pal`: the folder `from_pretrained` reads."""
+        save_pal(self, path)
+
+    @classmethod
+    def from_pretrained(cls, path: str | Path) -> PALModel:
+        """`load_pal`: a saved PAL folder -> model in eval mode."""
+        return load_pal(path)
 
     # ----------------------------------------------------------------------- users
 
@@ -477,7 +491,7 @@ def save_pal(model: PALModel, path: str | Path) -> None:
     with atomic_dir(path) as tmp:
         state = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
         save_file(state, tmp / PAL_WEIGHTS)
-        config = {"type": "pal", **asdict(model.config)}
+        config = {"type": "pal", "format_version": PAL_FORMAT_VERSION, **asdict(model.config)}
         (tmp / PAL_CONFIG).write_text(json.dumps(config, indent=2) + "\n")
 
 
@@ -488,6 +502,7 @@ def load_pal(path: str | Path) -> PALModel:
         raise FileNotFoundError(f"{folder}: not a PAL model folder (no {PAL_CONFIG})")
     raw = json.loads((folder / PAL_CONFIG).read_text())
     raw.pop("type", None)
+    raw.pop("format_version", None)  # 1; folders written before it was recorded have none
     model = PALModel(PALConfig(**raw))
     model.load_state_dict(load_file(folder / PAL_WEIGHTS))
     return model.eval()

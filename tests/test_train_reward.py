@@ -118,6 +118,9 @@ def test_train_reward_end_to_end_killed_and_resumed(tmp_path):
     for key in want:
         if isinstance(want[key], float):
             assert got[key] == pytest.approx(want[key], abs=1e-6), key
+    # A causal-LM reward model is saved as an HF sequence-classification folder.
+    saved = json.loads((full_out / "model" / "config.json").read_text())
+    assert saved["architectures"] == ["LlamaForSequenceClassification"]
     a, tok = load_reward_model(full_out / "model")
     b, _ = load_reward_model(out / "model")
     assert isinstance(a, DistributionalRewardModel)

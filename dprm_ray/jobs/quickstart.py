@@ -384,7 +384,7 @@ def _training_stages(plan: Plan, out: Path, wandb: str) -> list[Stage]:
         Stage(
             f"reward-{kind}",
             f"{REWARD_MODELS[kind][1]} reward model on {plan.encoder}",
-            out / f"rm-{kind}" / "model" / "reward_model.json",
+            out / f"rm-{kind}" / "model",  # written atomically, in either layout
             _reward_args(plan, out, kind, wandb),
             group="reward",
         )

@@ -74,7 +74,8 @@ class ServeConfig:
 
         if not is_reward_model_dir(self.model):
             raise ConfigError(
-                f"model: '{self.model}' is not a reward-model folder (no reward_model.json)"
+                f"model: '{self.model}' is not a reward-model folder "
+                "(no reward_model.json, nor an HF config.json with dprm_reward_type)"
             )
         if not self.route.startswith("/"):
             raise ConfigError(f"route: must start with '/', got '{self.route}'")

@@ -191,7 +191,8 @@ def train_policy(cfg: Any, on_event: Event = _no_event) -> dict[str, Any]:
     if not is_reward_model_dir(typed.reward.model):
         raise ConfigError(
             f"reward.model: {typed.reward.model} is not a reward model folder "
-            "(no reward_model.json; train one with `dprm-ray train-reward`)"
+            "(no reward_model.json, nor an HF config.json with dprm_reward_type; "
+            "train one with `dprm-ray train-reward`)"
         )
     prompts = load_prompts(typed.prompts, "train")
     if typed.prompts_per_step > len(prompts):
