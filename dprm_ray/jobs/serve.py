@@ -156,15 +156,14 @@ def reward_app(cfg: ServeConfig, token: str | None) -> Application:
     )
 
 
-# ServeConfig keys of the `dprm-ray serve` process, not of the application: in a Serve config
-# file the proxy's address is `http_options` and the route is the application's `route_prefix`.
+# ServeConfig keys of the `dprm-ray serve` process, not of the application, and why.
 NOT_APP_ARGS = {
-    "host": "http_options.host",
-    "port": "http_options.port",
-    "route": "the application's route_prefix",
-    "duration_s": "nothing (the application runs until it is deleted)",
-    "address": "nothing (the application runs on the cluster that reads the config)",
-    "output_dir": "nothing (the application writes no files)",
+    "host": "the proxy's host is http_options.host of the Serve config",
+    "port": "the proxy's port is http_options.port of the Serve config",
+    "route": "the route is the application's route_prefix in the Serve config",
+    "duration_s": "an application runs until it is deleted",
+    "address": "an application runs on the cluster that reads the Serve config",
+    "output_dir": "the application writes no files",
 }
 
 
@@ -174,11 +173,10 @@ def build_app(args: dict[str, Any]) -> Application:
     application's ServeConfig keys (model, num_replicas, autoscaling, max_batch_size, token_env,
     ...), checked as the serve job checks them (ConfigError naming the key); with `token_env`
     the variable must be set where Serve builds the application."""
-    for key in sorted(set(args) & set(NOT_APP_ARGS)):
-        raise ConfigError(
-            f"args.{key}: not an application setting; in a Serve config file set "
-            f"{NOT_APP_ARGS[key]}"
-        )
+    misplaced = sorted(set(args) & set(NOT_APP_ARGS))
+    if misplaced:
+        key = misplaced[0]
+        raise ConfigError(f"args.{key}: not an application setting ({NOT_APP_ARGS[key]})")
     cfg = load_config(ServeConfig, values=args, values_source="args")
     validate_config(cfg)
     return reward_app(cfg, bearer_token(cfg))
