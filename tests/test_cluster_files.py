@@ -218,7 +218,7 @@ def test_aws_launcher_config_passes_ray_up_validation():
     assert any(f"{SHARED}" in c and "mount" in c for c in config["initialization_commands"])
     # The working tree is synced (without .git and outputs) and installed over the image's copy.
     assert config["file_mounts"] == {"~/dprm-ray": "."}
-    assert {".git", "outputs"} <= set(config["rsync_exclude"])
+    assert {".git", "outputs", "cluster/schemas"} <= set(config["rsync_exclude"])
     assert "pip install --no-deps -e ~/dprm-ray" in config["setup_commands"]
     assert any("boto3" in c for c in config["head_setup_commands"])  # the head launches EC2 nodes
 
