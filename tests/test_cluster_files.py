@@ -281,9 +281,8 @@ def strict_schema(node: dict) -> dict:
         props = out.setdefault("properties", {})
         for key, kind in (("apiVersion", "string"), ("kind", "string"), ("metadata", "object")):
             props.setdefault(key, {"type": kind})
-    if node.get("x-kubernetes-preserve-unknown-fields"):
-        out.pop("additionalProperties", None) if out.get("additionalProperties") is False else None
-    elif node.get("type") == "object" and "additionalProperties" not in node:
+    keeps_unknown = node.get("x-kubernetes-preserve-unknown-fields", False)
+    if node.get("type") == "object" and "additionalProperties" not in node and not keeps_unknown:
         out["additionalProperties"] = False
     return out
 
@@ -643,25 +642,32 @@ def test_serve_config_v2_passes_serves_schema_and_its_builder_builds_the_app(tmp
     # num_replicas instead of autoscaling.
     fixed = {"model": str(model), "num_replicas": 2}
     assert builder(fixed)._bound_deployment.num_replicas == 2
+    # A folder that is no reward model, and a token variable that is not set, are refused.
+    from dprm_ray.config import ConfigError
+
+    with pytest.raises(ConfigError, match="^model: .* is not a reward-model folder"):
+        builder({"model": str(tmp_path)})
+    monkeypatch.delenv(args["token_env"])
+    with pytest.raises(
+        ConfigError, match=f"^token_env: environment variable '{args['token_env']}'"
+    ):
+        builder({**args, "model": str(model)})
 
 
-def test_build_app_checks_its_args_like_the_serve_job(tmp_path, monkeypatch):
+def test_build_app_checks_its_args_like_the_serve_job(tmp_path):
     from dprm_ray.config import ConfigError
     from dprm_ray.jobs.serve import build_app
 
-    model = tmp_path / "rm"
-    model.mkdir()
-    # Enough for the builder's folder check (replicas load the model; no replica starts here).
-    (model / "reward_model.json").write_text("{}")
-    monkeypatch.delenv("NO_SUCH_TOKEN", raising=False)
+    # These are refused before the model folder is looked at (that check imports torch: the
+    # slow test above covers it and an unset token_env).
+    model = str(tmp_path / "rm")
     for args, message in (
-        ({"model": str(model), "port": 9000}, "args.port: not an application setting"),
-        ({"model": str(model), "route": "/rm"}, "route_prefix"),
-        ({"model": str(model), "max_batch": 8}, "args: unknown config key 'max_batch'"),
-        ({"model": str(model), "max_batch_size": 0}, "max_batch_size"),
-        ({"model": str(tmp_path)}, "model: "),
+        ({"model": model, "port": 9000}, "args.port: not an application setting"),
+        ({"model": model, "route": "/rm"}, "route_prefix"),
+        ({"model": model, "max_batch": 8}, "args: unknown config key 'max_batch'"),
+        ({"model": model, "max_batch_size": 0}, "max_batch_size: must be >= 1"),
+        ({"model": model, "autoscaling": {"enabled": "maybe"}}, "'autoscaling.enabled'"),
         ({}, "missing required config value 'model'"),
-        ({"model": str(model), "token_env": "NO_SUCH_TOKEN"}, "token_env: "),
     ):
         with pytest.raises(ConfigError, match=re.escape(message)):
             build_app(args)
