@@ -1,7 +1,7 @@
 """One config tree per job: OmegaConf structured configs built from dataclasses.
 
-A job's config is its dataclass defaults, then an optional YAML file (`--config FILE`), then
-dotted overrides (`a.b=c`, or `--a-b c` for convenience). Unknown keys, wrong types, missing
+A job's config is its dataclass defaults, then an optional YAML file (`--config FILE`) or mapping
+of values (a Ray Serve application's `args`), then dotted overrides (`a.b=c`, or `--a-b c` for convenience). Unknown keys, wrong types, missing
 required values and numbers out of range raise `ConfigError` with a one-line message that names
 the key, before any Ray or model start-up.
 
@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 import typing
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -176,9 +176,15 @@ def validate_config(cfg: Any) -> None:
 
 
 def load_config(
-    schema: type[T], config_file: str | Path | None = None, overrides: Sequence[str] = ()
+    schema: type[T],
+    config_file: str | Path | None = None,
+    overrides: Sequence[str] = (),
+    *,
+    values: Mapping[str, Any] | None = None,
+    values_source: str = "values",
 ) -> T:
-    """Build the job config: dataclass defaults <- YAML file <- dotted overrides; validate."""
+    """Build the job config: dataclass defaults <- YAML file <- `values` <- dotted overrides;
+    validate. Errors in `values` (a nested mapping of config keys) name `values_source`."""
     cfg = OmegaConf.structured(schema)
     if config_file is not None:
         path = Path(config_file)
@@ -191,6 +197,14 @@ def load_config(
         if not isinstance(file_cfg, DictConfig):
             raise ConfigError(f"{path}: expected a mapping of config keys at the top level")
         cfg = _merge(cfg, file_cfg, str(path))
+    if values is not None:
+        if not isinstance(values, Mapping):
+            raise ConfigError(f"{values_source}: expected a mapping of config keys")
+        try:
+            values_cfg = OmegaConf.create(dict(values))
+        except OmegaConfBaseException as exc:
+            raise ConfigError(f"{values_source}: {_one_line(exc)}") from None
+        cfg = _merge(cfg, values_cfg, values_source)
     for item in overrides:
         key, _, value = item.partition("=")
         if not key:

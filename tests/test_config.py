@@ -29,6 +29,20 @@ def test_defaults_file_and_overrides_apply_in_order(tmp_path: Path):
     assert (cfg.name, cfg.eps, cfg.optim.lr, cfg.optim.steps) == ("a", 0.3, 0.5, 3)
 
 
+def test_values_apply_between_file_and_overrides_and_errors_name_their_source(tmp_path: Path):
+    yaml = tmp_path / "c.yaml"
+    yaml.write_text("name: a\neps: 0.2\noptim:\n  lr: 0.5\n")
+    values = {"eps": 0.25, "optim": {"steps": 4, "lr": 0.7}}
+    cfg = load_config(Schema, yaml, ["optim.lr=0.9"], values=values)
+    assert (cfg.name, cfg.eps, cfg.optim.lr, cfg.optim.steps) == ("a", 0.25, 0.9, 4)
+    with pytest.raises(ConfigError, match=r"^args: unknown config key 'optim.lrr'"):
+        load_config(Schema, values={"name": "a", "optim": {"lrr": 1}}, values_source="args")
+    with pytest.raises(ConfigError, match=r"^args: bad value for 'optim.steps'"):
+        load_config(Schema, values={"name": "a", "optim": {"steps": "many"}}, values_source="args")
+    with pytest.raises(ConfigError, match=r"^args: expected a mapping"):
+        load_config(Schema, values=["name", "a"], values_source="args")
+
+
 def test_unknown_key_in_override_names_the_key():
     with pytest.raises(ConfigError, match=r"unknown config key 'optim.lrr'"):
         load_config(Schema, None, ["name=a", "optim.lrr=1"])

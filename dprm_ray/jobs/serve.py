@@ -6,6 +6,10 @@ the label names; `GET /healthz` says the model is loaded (both under `route`). R
 across clients, at most `max_batch_size` items per forward pass. With `token_env=NAME` every
 `/score` request needs `Authorization: Bearer $NAME`. Binds 127.0.0.1 unless `host` says otherwise.
 Runs until Ctrl-C or SIGTERM (or `duration_s`), then shuts its Serve application down.
+
+`build_app` builds the same application for a Ray Serve config file, e.g. a KubeRay RayService's
+`serveConfigV2` (`import_path: dprm_ray.jobs.serve:build_app`, `args:` the app's config keys;
+cluster/rayservice-reward.yaml).
 """
 
 from __future__ import annotations
@@ -18,10 +22,14 @@ import time
 import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
-from dprm_ray.config import MISSING, ConfigError, validate_config
+from dprm_ray.config import MISSING, ConfigError, load_config, validate_config
 from dprm_ray.jobs.ray_session import init_ray
 from dprm_ray.jobs.runner import Command, Job, run_job
+
+if TYPE_CHECKING:
+    from ray.serve import Application
 
 APP_NAME = "dprm-ray-reward"
 
@@ -120,18 +128,12 @@ def base_url(cfg: ServeConfig, port: int | None = None) -> str:
     return f"http://{host}:{port or cfg.port}{cfg.route.rstrip('/')}"
 
 
-def deploy(cfg: ServeConfig, token: str | None) -> str:
-    """Start Serve (HTTP on cfg.host:cfg.port) with the scorer app on the connected Ray cluster.
-
-    Returns the base URL once `/healthz` answers.
-    """
-    from ray import serve
-
+def reward_app(cfg: ServeConfig, token: str | None) -> Application:
+    """The scorer deployment, bound to its arguments: the application `deploy` runs and
+    `build_app` returns. Builds only; loading the model is the replicas' work."""
     from dprm_ray.actors.serve import RewardScorer
     from dprm_ray.serving import token_digest
 
-    validate_config(cfg)  # deploy is also called on its own
-    serve.start(http_options={"host": cfg.host, "port": cfg.port})
     options: dict = {
         "max_ongoing_requests": cfg.max_ongoing_requests,
         "ray_actor_options": {"num_cpus": cfg.cpus_per_replica},
@@ -144,7 +146,7 @@ def deploy(cfg: ServeConfig, token: str | None) -> str:
         }
     else:
         options["num_replicas"] = cfg.num_replicas
-    app = RewardScorer.options(**options).bind(
+    return RewardScorer.options(**options).bind(
         str(Path(cfg.model).resolve()),
         cfg.max_length,
         cfg.max_items_per_request,
@@ -153,7 +155,44 @@ def deploy(cfg: ServeConfig, token: str | None) -> str:
         cfg.batch_wait_timeout_s,
         token_digest(token) if token else None,
     )
-    serve.run(app, name=APP_NAME, route_prefix=cfg.route)
+
+
+# ServeConfig keys of the `dprm-ray serve` process, not of the application, and why.
+NOT_APP_ARGS = {
+    "host": "the proxy's host is http_options.host of the Serve config",
+    "port": "the proxy's port is http_options.port of the Serve config",
+    "route": "the route is the application's route_prefix in the Serve config",
+    "duration_s": "an application runs until it is deleted",
+    "address": "an application runs on the cluster that reads the Serve config",
+    "output_dir": "the application writes no files",
+}
+
+
+def build_app(args: dict[str, Any]) -> Application:
+    """Ray Serve application builder: `import_path: dprm_ray.jobs.serve:build_app` in a Serve
+    config file (`serve deploy`, a KubeRay RayService's serveConfigV2). `args` are the
+    application's ServeConfig keys (model, num_replicas, autoscaling, max_batch_size, token_env,
+    ...), checked as the serve job checks them (ConfigError naming the key); with `token_env`
+    the variable must be set where Serve builds the application."""
+    misplaced = sorted(set(args) & set(NOT_APP_ARGS))
+    if misplaced:
+        key = misplaced[0]
+        raise ConfigError(f"args.{key}: not an application setting ({NOT_APP_ARGS[key]})")
+    cfg = load_config(ServeConfig, values=args, values_source="args")
+    validate_config(cfg)
+    return reward_app(cfg, bearer_token(cfg))
+
+
+def deploy(cfg: ServeConfig, token: str | None) -> str:
+    """Start Serve (HTTP on cfg.host:cfg.port) with the scorer app on the connected Ray cluster.
+
+    Returns the base URL once `/healthz` answers.
+    """
+    from ray import serve
+
+    validate_config(cfg)  # deploy is also called on its own
+    serve.start(http_options={"host": cfg.host, "port": cfg.port})
+    serve.run(reward_app(cfg, token), name=APP_NAME, route_prefix=cfg.route)
     url = base_url(cfg)
     _wait_healthy(url + "/healthz", timeout_s=120.0)
     return url
