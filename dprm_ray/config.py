@@ -19,14 +19,14 @@ from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
 
-from omegaconf import MISSING, DictConfig, OmegaConf
-from omegaconf.errors import (
-    ConfigAttributeError,
-    ConfigKeyError,
-    MissingMandatoryValue,
-    OmegaConfBaseException,
-    ValidationError,
-)
+if typing.TYPE_CHECKING:  # imported where configs are built: the checks below need no OmegaConf
+    from omegaconf import DictConfig
+    from omegaconf.errors import OmegaConfBaseException
+
+# OmegaConf's marker of a required value (omegaconf.MISSING is this string), defined here so that
+# the library's config dataclasses and their checks import without OmegaConf (bench/gpu_check.py
+# runs where only torch and transformers are installed).
+MISSING = "???"
 
 T = TypeVar("T")
 
@@ -83,6 +83,14 @@ def _one_line(exc: OmegaConfBaseException) -> str:
 
 
 def _merge(base: DictConfig, other: Any, source: str) -> DictConfig:
+    from omegaconf import DictConfig, OmegaConf
+    from omegaconf.errors import (
+        ConfigAttributeError,
+        ConfigKeyError,
+        OmegaConfBaseException,
+        ValidationError,
+    )
+
     try:
         return typing.cast(DictConfig, OmegaConf.merge(base, other))
     except (ConfigKeyError, ConfigAttributeError) as exc:
@@ -169,6 +177,8 @@ def validate_config(cfg: Any) -> None:
     """Run the config's own `validate()` (the rules beyond types and declared ranges), if its
     dataclass has one: it raises ConfigError naming the dotted key, and checks the nested configs
     it holds. The runner calls it for every job before the job starts."""
+    from omegaconf import OmegaConf
+
     obj = OmegaConf.to_object(cfg) if OmegaConf.is_config(cfg) else cfg
     validate = getattr(obj, "validate", None)
     if callable(validate):
@@ -185,6 +195,9 @@ def load_config(
 ) -> T:
     """Build the job config: dataclass defaults <- YAML file <- `values` <- dotted overrides;
     validate. Errors in `values` (a nested mapping of config keys) name `values_source`."""
+    from omegaconf import DictConfig, OmegaConf
+    from omegaconf.errors import MissingMandatoryValue, OmegaConfBaseException
+
     cfg = OmegaConf.structured(schema)
     if config_file is not None:
         path = Path(config_file)
@@ -229,6 +242,8 @@ def load_config(
 
 
 def to_yaml(cfg: Any) -> str:
+    from omegaconf import OmegaConf
+
     return OmegaConf.to_yaml(cfg, resolve=True)
 
 

@@ -27,6 +27,7 @@ from dprm_ray.policy import (
     with_lora,
 )
 from dprm_ray.policy_config import OFFLINE_LOSSES, DistillConfig, DistillLossConfig
+from dprm_ray.precision import torch_dtype
 from dprm_ray.training import (
     deepspeed_engine,
     ensure_process_group,
@@ -128,12 +129,13 @@ def _batch_loss(
     cfg: DistillConfig,
 ) -> tuple[torch.Tensor, dict[str, float], torch.Tensor, torch.Tensor]:
     pi_c, pi_r = _policy_logps(module, tokenizer, data, idx, cfg.max_length)
-    ref_c = torch.tensor(data.column("ref_chosen_logp", idx), dtype=torch.float32)
-    ref_r = torch.tensor(data.column("ref_rejected_logp", idx), dtype=torch.float32)
+    on = {"dtype": torch.float32, "device": pi_c.device}
+    ref_c = torch.tensor(data.column("ref_chosen_logp", idx), **on)
+    ref_r = torch.tensor(data.column("ref_rejected_logp", idx), **on)
     r_c = r_r = None
     if cfg.loss.kind in ("ddpo", "edpo"):
-        r_c = torch.tensor(data.column("chosen_rewards", idx), dtype=torch.float32).T  # [M, B]
-        r_r = torch.tensor(data.column("rejected_rewards", idx), dtype=torch.float32).T
+        r_c = torch.tensor(data.column("chosen_rewards", idx), **on).T  # [M, B]
+        r_r = torch.tensor(data.column("rejected_rewards", idx), **on).T
     ref_sample_logp = None
     if cfg.loss.kind in ("edpo", "pdpo") and cfg.loss.gamma > 0:
         batch = tokenize_responses(
@@ -176,7 +178,7 @@ def distill_worker(
 
     torch.manual_seed(cfg.seed)
     model, tokenizer = build_policy(cfg)
-    engine = deepspeed_engine(model, cfg.optim, cfg.scale.zero_stage)
+    engine = deepspeed_engine(model, cfg.optim, cfg.scale.zero_stage, cfg.precision)
     n_pairs = len(train.rows)
     global_batch = cfg.optim.batch_size * world
     total = total_steps(n_pairs, cfg.optim, world, cfg.data, "pairs")
@@ -259,7 +261,7 @@ def evaluate_policy_on_pairs(
                     cfg.max_length,
                 )
                 parts["fwd_kl"] += (
-                    torch.tensor(held.column("ref_sample_logp", chunk)) - pi_s
+                    torch.tensor(held.column("ref_sample_logp", chunk)) - pi_s.float().cpu()
                 ).tolist()
         k = min(cfg.eval_kl_prompts, n)
         kl_idx = np.arange(k)[rank::world]
@@ -280,6 +282,7 @@ def evaluate_policy_on_pairs(
             samples = [s or "." for s in samples]
             pi_logp = score_responses(module, tokenizer, prompts, samples, cfg.max_length)
             reference, _ = load_model(cfg.policy, kind="causal-lm")
+            reference.to(pi_logp.device, dtype=torch_dtype(cfg.precision))
             ref_logp = score_responses(reference, tokenizer, prompts, samples, cfg.max_length)
             parts["rev_kl"] += (pi_logp - ref_logp).tolist()[: len(np.arange(k)[rank::world])]
     merged = {key: [] for key in parts}

@@ -34,6 +34,7 @@ import numpy as np
 from dprm_ray.config import ConfigError, check_ranges
 from dprm_ray.crowd import aggregate
 from dprm_ray.labels import LabelSpace, get_label_space
+from dprm_ray.precision import check_precision, check_precision_name
 
 CATALOG = Path(__file__).parent / "catalog" / "personas.yaml"
 
@@ -154,11 +155,22 @@ class JudgeConfig:
     judge_id: str = field(default="", metadata={"help": "stored per row ('' = backend:model)"})
     vllm: VllmJudgeConfig = field(default_factory=VllmJudgeConfig)
     openai: OpenAIJudgeConfig = field(default_factory=OpenAIJudgeConfig)
+    precision: str = field(
+        default="",
+        metadata={
+            "help": "fp32 | bf16 | fp16 of a local judge (vLLM dtype / transformers weights); "
+            "'' = bf16 on a GPU, fp32 on a CPU"
+        },
+    )
+    allow_slow_cpu_precision: bool = field(
+        default=False, metadata={"help": "accept bf16/fp16 on a CPU judge"}
+    )
 
     def validate(self, prefix: str = "judge.") -> None:
         """Everything that can be checked without loading the model; `prefix` is where this
         config sits in the job's (messages name the full dotted key)."""
         check_ranges(self, JudgeConfig, prefix)
+        check_precision_name(self.precision, f"{prefix}precision", allow_empty=True)
         if self.backend not in ("transformers", "vllm", "openai", "gold"):
             raise ConfigError(
                 f"{prefix}backend: unknown backend '{self.backend}' "
@@ -179,6 +191,25 @@ class JudgeConfig:
             raise ConfigError(f"{prefix}label_space: {exc}") from None
         load_personas(self.personas or None)
         PromptBuilder(self, space)
+
+    def check_device(self, on_gpu: bool, device_key: str, prefix: str = "judge.") -> None:
+        """ConfigError for a bf16/fp16 local judge on CPU actors (without the opt-in)."""
+        if self.precision and self.backend in ("transformers", "vllm"):
+            check_precision(
+                self.precision,
+                on_cpu=not on_gpu,
+                allow_slow=self.allow_slow_cpu_precision,
+                key=f"{prefix}precision",
+                allow_key=f"{prefix}allow_slow_cpu_precision",
+                device_key=device_key,
+            )
+
+
+def judge_precision(cfg: JudgeConfig) -> str:
+    """The precision a local judge runs in on this machine ('' resolved by CUDA's presence)."""
+    from dprm_ray.precision import resolve_precision
+
+    return resolve_precision(cfg.precision, not _no_cuda())
 
 
 class JudgeBackendError(RuntimeError):
@@ -329,10 +360,12 @@ class TransformersJudge:
         import torch
 
         from dprm_ray.models import load_model
+        from dprm_ray.precision import default_device, torch_dtype
 
         self.torch = torch
         self.model, self.tokenizer = load_model(cfg.model)
-        self.model.eval()
+        self.device = default_device()
+        self.model.to(self.device, dtype=torch_dtype(judge_precision(cfg))).eval()
         self.option_ids = option_token_ids(self.tokenizer, sample_prompt, options)
         self.max_tokens = cfg.max_tokens
         self.batch_size = cfg.batch_size
@@ -358,9 +391,11 @@ class TransformersJudge:
                 for row, i in enumerate(chunk):
                     ids[row, : len(encoded[i])] = torch.tensor(encoded[i])
                     mask[row, : len(encoded[i])] = 1
-                logits = self.model(input_ids=ids, attention_mask=mask).logits
+                logits = self.model(
+                    input_ids=ids.to(self.device), attention_mask=mask.to(self.device)
+                ).logits
                 last = logits[torch.arange(len(chunk)), lengths - 1].float()
-                logp = torch.log_softmax(last, dim=-1)[:, self.option_ids].numpy()
+                logp = torch.log_softmax(last, dim=-1)[:, self.option_ids].cpu().numpy()
                 for row, i in enumerate(chunk):
                     out[i] = logp[row].astype(np.float64)
                 self.tokens_processed += int(lengths.sum())
@@ -376,10 +411,11 @@ class VllmJudge:
         from vllm import LLM, SamplingParams
 
         from dprm_ray.models import resolve_model
+        from dprm_ray.precision import vllm_dtype
 
         self.llm = LLM(
             model=resolve_model(cfg.model),
-            dtype="float32" if _no_cuda() else "auto",
+            dtype=vllm_dtype(judge_precision(cfg)),
             max_model_len=cfg.vllm.max_model_len,
             gpu_memory_utilization=cfg.vllm.gpu_memory_utilization,
             tensor_parallel_size=cfg.vllm.tensor_parallel_size,

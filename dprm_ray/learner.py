@@ -37,6 +37,7 @@ from dprm_ray.ppo import (
     policy_loss,
     value_loss,
 )
+from dprm_ray.precision import torch_dtype
 from dprm_ray.training import deepspeed_engine, ensure_process_group
 
 # --------------------------------------------------------------------------- the model
@@ -62,7 +63,9 @@ class PolicyWithValue(torch.nn.Module):
             logits = self.lm(input_ids=input_ids, attention_mask=attention_mask).logits
             return logits, torch.zeros(input_ids.shape, dtype=torch.float32, device=logits.device)
         out = self.lm(input_ids=input_ids, attention_mask=attention_mask, output_hidden_states=True)
-        values = self.value_head(out.hidden_states[-1].float()).squeeze(-1)
+        # The head runs in the module's dtype (DeepSpeed casts it for bf16/fp16); values in fp32.
+        hidden = out.hidden_states[-1].to(self.value_head.weight.dtype)
+        values = self.value_head(hidden).float().squeeze(-1)
         return out.logits, values
 
 
@@ -237,11 +240,12 @@ class PPOLearner:
         lm, self.tokenizer = load_model(cfg.model, kind="causal-lm")
         model = PolicyWithValue(with_lora(lm, cfg.lora), value_head=ppo.advantage == "gae")
         optim = replace(cfg.optim, batch_size=ppo.mini_batch_size)
-        self.engine = deepspeed_engine(model, optim, cfg.zero_stage)
+        self.engine = deepspeed_engine(model, optim, cfg.zero_stage, cfg.precision)
         self.device = self.engine.device
         self.reference, _ = load_model(cfg.reference or cfg.model, kind="causal-lm")
         self.reference.requires_grad_(False)
-        self.reference.eval().to(self.device)
+        # The frozen reference computes in the policy's precision too (no master weights needed).
+        self.reference.eval().to(self.device, dtype=torch_dtype(cfg.precision))
         self.kl_ctl = kl_controller(ppo)
         self.step = 0
         pad = self.tokenizer.pad_token_id

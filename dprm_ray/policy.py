@@ -55,7 +55,11 @@ def tokenize_responses(
 
 
 def sequence_logprobs(model: Any, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-    """Sum of log pi over the response tokens of each row, [B] (differentiable)."""
+    """Sum of log pi over the response tokens of each row, [B] (differentiable), on the model's
+    device (the batch is moved there)."""
+    from dprm_ray.precision import module_device
+
+    batch = {k: v.to(module_device(model)) for k, v in batch.items()}
     logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
     logp = F.log_softmax(logits[:, :-1].float(), dim=-1)
     token_logp = logp.gather(-1, batch["input_ids"][:, 1:].unsqueeze(-1)).squeeze(-1)
@@ -96,6 +100,9 @@ def generate(
 
     `synced_gpus` keeps ZeRO-3 ranks in step while they generate different lengths.
     """
+    from dprm_ray.precision import module_device
+
+    device = module_device(model)
     side, tokenizer.padding_side = tokenizer.padding_side, "left"
     trunc, tokenizer.truncation_side = tokenizer.truncation_side, "left"
     torch.manual_seed(seed)
@@ -110,7 +117,7 @@ def generate(
                 truncation=True,
                 max_length=max_prompt_tokens,
                 add_special_tokens=False,
-            )
+            ).to(device)
             with torch.no_grad():
                 out = model.generate(
                     **enc,

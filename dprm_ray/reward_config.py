@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from dprm_ray.config import MISSING
+from dprm_ray.precision import check_precision
 from dprm_ray.training import OptimConfig, ScaleConfig, WandbConfig
 
 __all__ = ["LOSSES", "BackboneConfig", "LossConfig", "TargetConfig", "TrainRewardConfig"]
@@ -77,6 +78,16 @@ class TrainRewardConfig:
     backbone: BackboneConfig = field(default_factory=BackboneConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     scale: ScaleConfig = field(default_factory=ScaleConfig)
+    precision: str = field(
+        default="fp32",
+        metadata={
+            "help": "fp32 | bf16 | fp16: DeepSpeed mixed precision (fp32 master weights); "
+            "bf16/fp16 on a CPU need allow_slow_cpu_precision"
+        },
+    )
+    allow_slow_cpu_precision: bool = field(
+        default=False, metadata={"help": "accept bf16/fp16 without a GPU (scale.use_gpu=false)"}
+    )
     seed: int = field(default=0, metadata={"min": 0})
     bootstrap: bool = field(
         default=False,
@@ -96,3 +107,16 @@ class TrainRewardConfig:
     )
     wandb: WandbConfig = field(default_factory=WandbConfig)
     output_dir: str = "outputs/train-reward"
+
+    def validate(self, prefix: str = "", on_gpu: bool | None = None) -> None:
+        """ConfigError naming the key; `on_gpu` overrides scale.use_gpu (a sweep's trials take
+        their GPUs from the sweep's resources)."""
+        gpu = self.scale.use_gpu if on_gpu is None else on_gpu
+        check_precision(
+            self.precision,
+            on_cpu=not gpu,
+            allow_slow=self.allow_slow_cpu_precision,
+            key=f"{prefix}precision",
+            allow_key=f"{prefix}allow_slow_cpu_precision",
+            device_key=f"{prefix}scale.use_gpu=false" if on_gpu is None else "resources.gpus=0",
+        )

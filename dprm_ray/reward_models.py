@@ -119,7 +119,8 @@ class _RewardModel(nn.Module):
         embeddings: torch.Tensor | None = None,
     ) -> torch.Tensor:
         if embeddings is not None:
-            return embeddings
+            # Cached features are fp32; the head may run in bf16/fp16 (DeepSpeed precision).
+            return embeddings.to(self.head.weight.dtype)
         if self.backbone is None or input_ids is None or attention_mask is None:
             raise ValueError("this reward model needs `embeddings` (it has no backbone)")
         out = self.backbone(input_ids=input_ids, attention_mask=attention_mask)
@@ -644,13 +645,20 @@ def model_inputs(
     rows: np.ndarray,
     embeddings: torch.Tensor | None,
     max_length: int,
+    device: torch.device | str | None = None,
 ) -> dict[str, torch.Tensor]:
+    """The model's keyword inputs for `rows`, on `device` (None: where they were made, the CPU)."""
     if embeddings is not None:
-        return {"embeddings": embeddings[torch.as_tensor(rows)]}
-    enc = tokenize_pairs(
-        tokenizer, [data.prompts[i] for i in rows], [data.responses[i] for i in rows], max_length
-    )
-    return {"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"]}
+        inputs = {"embeddings": embeddings[torch.as_tensor(rows)]}
+    else:
+        enc = tokenize_pairs(
+            tokenizer,
+            [data.prompts[i] for i in rows],
+            [data.responses[i] for i in rows],
+            max_length,
+        )
+        inputs = {"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"]}
+    return inputs if device is None else {k: v.to(device) for k, v in inputs.items()}
 
 
 def predict(
@@ -663,12 +671,16 @@ def predict(
     rows: np.ndarray | None = None,
 ) -> dict[str, np.ndarray]:
     """Expected reward, variance and (distributional models) probabilities for `rows`."""
+    from dprm_ray.precision import module_device
+
     rows = np.arange(len(data.prompts)) if rows is None else rows
+    device = module_device(model)
     out: dict[str, list[np.ndarray]] = defaultdict(list)
     with torch.no_grad():
         for start in range(0, len(rows), batch_size):
             chunk = rows[start : start + batch_size]
-            pred = model.predict(**model_inputs(tokenizer, data, chunk, embeddings, max_length))
+            inputs = model_inputs(tokenizer, data, chunk, embeddings, max_length, device)
+            pred = model.predict(**inputs)
             out["expected"].append(pred.expected.cpu().numpy())
             out["variance"].append(pred.variance.cpu().numpy())
             if pred.probs is not None:

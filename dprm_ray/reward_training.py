@@ -283,7 +283,7 @@ def train_worker(
                 )
             dist.barrier()
 
-    engine = deepspeed_engine(model, cfg.optim, cfg.scale.zero_stage)
+    engine = deepspeed_engine(model, cfg.optim, cfg.scale.zero_stage, cfg.precision)
     n_items = len(train.pairs) if is_bt else len(train.prompts)
     global_batch = cfg.optim.batch_size * world
     total = total_steps(n_items, cfg.optim, world, cfg.data, "pairs" if is_bt else "rows")
@@ -300,15 +300,19 @@ def train_worker(
             pair = train.pairs[rows]
             idx = np.concatenate([pair[:, 0], pair[:, 1]])
             reward = engine(
-                **model_inputs(tokenizer, train, idx, train_emb, cfg.backbone.max_length)
+                **model_inputs(
+                    tokenizer, train, idx, train_emb, cfg.backbone.max_length, engine.device
+                )
             )
-            reward = reward.squeeze(-1)
+            reward = reward.float().squeeze(-1)
             loss = bradley_terry_loss(reward[: len(rows)], reward[len(rows) :])
         else:
             logits = engine(
-                **model_inputs(tokenizer, train, rows, train_emb, cfg.backbone.max_length)
+                **model_inputs(
+                    tokenizer, train, rows, train_emb, cfg.backbone.max_length, engine.device
+                )
             )
-            target = torch.as_tensor(train.targets[rows], dtype=torch.float32)
+            target = torch.as_tensor(train.targets[rows], dtype=torch.float32, device=engine.device)
             loss = distribution_loss(
                 logits.float(),
                 target,

@@ -68,9 +68,13 @@ class TransformersEngine:
         from dprm_ray.models import load_model
 
         self.cfg, self.seed = cfg, seed
+        from dprm_ray.precision import torch_dtype
+
         self.model, self.tokenizer = load_model(model, kind="causal-lm")
-        self.device = torch.device("cuda" if cfg.gpus_per_worker > 0 else "cpu")
-        self.model.to(self.device).eval()
+        on_gpu = cfg.gpus_per_worker > 0 and torch.cuda.is_available()
+        self.device = torch.device("cuda" if on_gpu else "cpu")
+        # The policy's precision (learner weights arrive in fp32; load_state_dict casts them).
+        self.model.to(self.device, dtype=torch_dtype(cfg.effective_precision())).eval()
         pad = self.tokenizer.pad_token_id
         self.pad_id = pad if pad is not None else 0
         self.eos_id = self.tokenizer.eos_token_id
@@ -139,13 +143,15 @@ class VllmEngine:
         from vllm import LLM
 
         from dprm_ray.models import resolve_model
+        from dprm_ray.precision import vllm_dtype
 
         on_gpu = cfg.gpus_per_worker > 0 and torch.cuda.is_available()
         self.cfg, self.seed = cfg, seed
         self.llm = LLM(
             model=resolve_model(model),
-            # fp32 on CPU: bf16 is ~20x slower there, and the learner is fp32 too.
-            dtype="auto" if on_gpu else "float32",
+            # The policy's precision (rollout.precision, in train-policy learner.precision):
+            # fp32 on a CPU by default, where bf16 is much slower (dprm_ray.precision).
+            dtype=vllm_dtype(cfg.effective_precision()),
             max_model_len=cfg.vllm.max_model_len,
             gpu_memory_utilization=cfg.vllm.gpu_memory_utilization,
             tensor_parallel_size=cfg.vllm.tensor_parallel_size if on_gpu else 1,

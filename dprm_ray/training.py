@@ -56,7 +56,9 @@ class WandbConfig:
 
 
 def ensure_process_group() -> tuple[int, int]:
-    """(rank, world): join the existing torch.distributed group or start a one-process one."""
+    """(rank, world): join the existing torch.distributed group or start a one-process one
+    (NCCL where CUDA is present and DeepSpeed uses it, else gloo)."""
+    import torch
     import torch.distributed as dist
 
     if not dist.is_initialized():
@@ -68,7 +70,8 @@ def ensure_process_group() -> tuple[int, int]:
         os.environ.setdefault("RANK", "0")
         os.environ.setdefault("LOCAL_RANK", "0")
         os.environ.setdefault("WORLD_SIZE", "1")
-        dist.init_process_group("gloo", rank=0, world_size=1)
+        on_gpu = torch.cuda.is_available() and os.environ.get("DS_ACCELERATOR", "cuda") == "cuda"
+        dist.init_process_group("nccl" if on_gpu else "gloo", rank=0, world_size=1)
     return dist.get_rank(), dist.get_world_size()
 
 
@@ -105,13 +108,12 @@ def total_steps(n_items: int, optim: OptimConfig, world: int, source: str, what:
     return optim.max_steps or optim.epochs * (n_items // global_batch)
 
 
-def deepspeed_engine(model: torch.nn.Module, optim: OptimConfig, zero_stage: int) -> Any:
-    import deepspeed
-    import torch
+def deepspeed_config(optim: OptimConfig, zero_stage: int, precision: str = "fp32") -> dict:
+    """The DeepSpeed config of a trainer: torch AdamW (no JIT-built CPU Adam), ZeRO stage, and
+    `precision` as DeepSpeed's bf16/fp16 sections (it keeps the fp32 master weights)."""
+    from dprm_ray.precision import deepspeed_precision
 
-    params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=optim.lr, weight_decay=optim.weight_decay)
-    config = {
+    return {
         "train_micro_batch_size_per_gpu": optim.batch_size,
         "gradient_accumulation_steps": 1,
         "gradient_clipping": optim.grad_clip,
@@ -119,7 +121,19 @@ def deepspeed_engine(model: torch.nn.Module, optim: OptimConfig, zero_stage: int
         "zero_allow_untested_optimizer": True,
         "steps_per_print": 10**9,
         "wall_clock_breakdown": False,
+        **deepspeed_precision(precision),
     }
+
+
+def deepspeed_engine(
+    model: torch.nn.Module, optim: OptimConfig, zero_stage: int, precision: str = "fp32"
+) -> Any:
+    import deepspeed
+    import torch
+
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=optim.lr, weight_decay=optim.weight_decay)
+    config = deepspeed_config(optim, zero_stage, precision)
     engine, *_ = deepspeed.initialize(
         model=model, optimizer=optimizer, model_parameters=params, config=config
     )

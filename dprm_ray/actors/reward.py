@@ -26,9 +26,11 @@ class RewardShard:
 
     def __init__(self, model_dir: str, max_length: int = 512, batch_size: int = 32):
         os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+        from dprm_ray.precision import default_device
         from dprm_ray.reward_models import load_reward_model
 
         self.model, self.tokenizer = load_reward_model(model_dir)
+        self.model.to(default_device())  # the GPU Ray gave this actor, if any
         self.max_length, self.batch_size = max_length, batch_size
         space = getattr(self.model, "label_space", None)
         self.labels = list(space.labels) if space is not None else []

@@ -17,9 +17,12 @@ class RewardEnsembleScorer:
 
     def __init__(self, model_dirs: list[str], max_length: int = 512):
         os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+        from dprm_ray.precision import default_device
         from dprm_ray.reward_models import load_reward_model
 
         self.members = [load_reward_model(d) for d in model_dirs]
+        for model, _ in self.members:
+            model.to(default_device())  # the GPU Ray gave this actor, if any
         self.max_length = max_length
 
     def __call__(self, batch: pd.DataFrame) -> pd.DataFrame:
@@ -51,8 +54,10 @@ class ReferenceScorer:
     ):
         os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
         from dprm_ray.models import load_model
+        from dprm_ray.precision import default_device
 
         self.model, self.tokenizer = load_model(reference, kind="causal-lm")
+        self.model.to(default_device())
         self.max_length = max_length
         self.sample = sample
         self.max_new_tokens = max_new_tokens
@@ -68,8 +73,8 @@ class ReferenceScorer:
             logp[side] = score_responses(
                 self.model, self.tokenizer, prompts, batch[side].tolist(), self.max_length
             )
-        batch["ref_chosen_logp"] = logp["chosen"].numpy().astype(float)
-        batch["ref_rejected_logp"] = logp["rejected"].numpy().astype(float)
+        batch["ref_chosen_logp"] = logp["chosen"].cpu().numpy().astype(float)
+        batch["ref_rejected_logp"] = logp["rejected"].cpu().numpy().astype(float)
         if self.sample:
             # Seeded by the first row's index so a rerun draws the same samples for a batch.
             seed = self.seed + int(batch["row_index"].iloc[0])
@@ -80,6 +85,7 @@ class ReferenceScorer:
             batch["ref_sample"] = samples
             batch["ref_sample_logp"] = (
                 score_responses(self.model, self.tokenizer, prompts, samples, self.max_length)
+                .cpu()
                 .numpy()
                 .astype(float)
             )

@@ -40,9 +40,11 @@ class RewardScorer:
         token_digest: str | None,
     ):
         os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+        from dprm_ray.precision import default_device
         from dprm_ray.reward_models import load_reward_model
 
         self.model, self.tokenizer = load_reward_model(model_dir)
+        self.model.to(default_device())  # the GPU Ray gave this actor, if any
         self.description = model_description(self.model)
         self.max_length = max_length
         self.limits = RequestLimits(max_items=max_items, max_body_bytes=max_body_bytes)

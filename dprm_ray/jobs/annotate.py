@@ -66,6 +66,7 @@ class AnnotateConfig:
 
     def validate(self) -> None:
         self.judge.validate()
+        self.judge.check_device(self.pool.gpus_per_actor > 0, "pool.gpus_per_actor=0")
         if self.pool.min_actors < 1 or self.pool.max_actors < self.pool.min_actors:
             raise ConfigError("pool: need 1 <= pool.min_actors <= pool.max_actors")
 

@@ -116,6 +116,7 @@ class EvaluateCrowdConfig:
         from dprm_ray.config import ConfigError
 
         self.judge.validate()
+        self.judge.check_device(self.pool.gpus_per_actor > 0, "pool.gpus_per_actor=0")
         if self.split not in ("all", "train", "test"):
             raise ConfigError(f"split: must be all, train or test, got '{self.split}'")
 

@@ -114,6 +114,7 @@ class SweepConfig:
             raise ConfigError("resources: need workers >= 1, cpus > 0 and gpus >= 0")
         if res.workers > 1 and res.gpus not in (0, 1):
             raise ConfigError("resources.gpus: Ray Train workers take 0 or 1 GPU each")
+        self.train.validate(prefix="train.", on_gpu=res.gpus > 0)
 
 
 # --------------------------------------------------------------------------- the search space

@@ -221,7 +221,8 @@ def train_policy(cfg: Any, on_event: Event = _no_event) -> dict[str, Any]:
     )
     learner = LearnerGroup(typed.learner, typed.ppo, runtime_env=env)
     shards = ShardedReward(typed.reward, runtime_env=env)
-    pool = RolloutPool(typed.rollout, typed.learner.model, typed.seed, runtime_env=env)
+    # The workers sample in the policy's precision (rollout.precision, else learner.precision).
+    pool = RolloutPool(typed.rollout_config(), typed.learner.model, typed.seed, runtime_env=env)
     try:
         shards.wait_ready()
         pool.wait_ready()
