@@ -19,6 +19,7 @@ from test_train_reward import write_annotations
 from dprm_ray.config import ConfigError, load_config
 from dprm_ray.jobs.sweep import SweepConfig, search_space
 from dprm_ray.reward_config import TrainRewardConfig
+from dprm_ray.reward_models import is_reward_model_dir
 
 # A tiny causal LM trained end to end: a few seconds per trial. kappa 0 makes the targets
 # unanimous, so that eps changes them.
@@ -142,7 +143,7 @@ def test_four_trial_asha_sweep(tmp_path):
     assert (cfg.targets.eps, cfg.optim.lr) == (best["targets.eps"], best["optim.lr"])
     assert cfg.data == str(tmp_path / "ann.parquet") and cfg.output_dir == str(out / "best")
     assert f"dprm-ray train-reward --config {out / 'best_config.yaml'}" in proc.stdout
-    assert (Path(best["trial_dir"]) / "model" / "reward_model.json").is_file()
+    assert is_reward_model_dir(Path(best["trial_dir"]) / "model")
 
 
 @pytest.mark.slow
