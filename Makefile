@@ -41,8 +41,10 @@ setup: .setup-stamp
 quickstart: setup
 	$(PYTHON) -m dprm_ray.jobs.quickstart
 
+# Two pytest workers (pytest-xdist), a test file each at a time: most slow tests wait on
+# subprocess and Ray start-up, so two share the 2 cores well; each worker has its own Ray cluster.
 test: setup
-	$(PYTHON) -m pytest --durations=20
+	$(PYTHON) -m pytest -n 2 --dist loadfile --durations=20
 
 test-fast: setup
 	$(PYTHON) -m pytest -m "not slow" -x -q

@@ -147,8 +147,8 @@ class FakeAutoscalingCluster:
     def stop(self) -> None:
         if self.head.poll() is None:
             os.killpg(self.head.pid, signal.SIGTERM)
-            try:
-                self.head.wait(timeout=60)
+            try:  # `ray start --block` takes ~30 s to stop its nodes one by one: not waited for
+                self.head.wait(timeout=5)
             except subprocess.TimeoutExpired:
                 os.killpg(self.head.pid, signal.SIGKILL)
                 self.head.wait()

@@ -211,53 +211,61 @@ def test_pal_folders_round_trip_through_from_pretrained(tmp_path):
 
 
 VLLM_SCORE = """
-import json, sys
+import gc, json, sys
 from vllm import LLM, PoolingParams
 from vllm.inputs import TokensPrompt
 
-folder, ids = sys.argv[1], json.loads(sys.argv[2])
-llm = LLM(model=folder, runner="pooling", dtype="float32", enforce_eager=True, max_model_len=128)
-outs = llm.classify(
-    [TokensPrompt(prompt_token_ids=i) for i in ids],
-    pooling_params=PoolingParams(use_activation=False),  # raw logits, as the HF model returns
-)
-print("LOGITS=" + json.dumps([o.outputs.probs for o in outs]))
+for folder, ids in json.loads(sys.argv[1]):
+    llm = LLM(model=folder, runner="pooling", dtype="float32", enforce_eager=True, max_model_len=128)
+    outs = llm.classify(
+        [TokensPrompt(prompt_token_ids=i) for i in ids],
+        pooling_params=PoolingParams(use_activation=False),  # raw logits, as the HF model returns
+    )
+    print("LOGITS=" + json.dumps([o.outputs.probs for o in outs]))
+    del llm
+    gc.collect()
 """
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("kind", ["distributional", "bradley-terry"])
-def test_vllm_cpu_serves_the_hf_folder_with_the_project_loaders_scores(tmp_path, kind):
-    """vLLM's CPU attention needs head_dim 64: a 256-wide tiny Llama backbone."""
+def test_vllm_cpu_serves_the_hf_folders_with_the_project_loaders_scores(tmp_path):
+    """A DPRM and a BT folder, scored by one vLLM process (its import and start-up are most of
+    the time). vLLM's CPU attention needs head_dim 64: a 256-wide tiny Llama backbone."""
     tok = tiny_tokenizer()
-    backbone = tiny_causal_lm(0, hidden_size=256).get_decoder()
-    common = {"backbone": backbone, "head_bias": False}
-    if kind == "distributional":
-        model = DistributionalRewardModel(HH6, 256, **common)
-    else:
-        model = BradleyTerryRewardModel(256, **common)
-    random_head(model).save(tmp_path / "rm", tok)
-    loaded, tok2 = load_reward_model(tmp_path / "rm")
-    enc = batch(tok2)
-    # The unpadded token ids of each text: what vLLM reads (it pads nothing).
-    rows = zip(enc["input_ids"], enc["attention_mask"], strict=True)
-    ids = [row[mask.bool()].tolist() for row, mask in rows]
+    kinds = ("distributional", "bradley-terry")
+    jobs, expected = [], {}
+    for kind in kinds:
+        backbone = tiny_causal_lm(0, hidden_size=256).get_decoder()
+        common = {"backbone": backbone, "head_bias": False}
+        if kind == "distributional":
+            model = DistributionalRewardModel(HH6, 256, **common)
+        else:
+            model = BradleyTerryRewardModel(256, **common)
+        random_head(model).save(tmp_path / kind, tok)
+        loaded, tok2 = load_reward_model(tmp_path / kind)
+        enc = batch(tok2)
+        # The unpadded token ids of each text: what vLLM reads (it pads nothing).
+        rows = zip(enc["input_ids"], enc["attention_mask"], strict=True)
+        jobs.append([str(tmp_path / kind), [row[mask.bool()].tolist() for row, mask in rows]])
+        with torch.no_grad():
+            expected[kind] = loaded.predict(**enc)
     env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": "1", "HF_HUB_OFFLINE": "1"}
     proc = subprocess.run(
-        [sys.executable, "-c", VLLM_SCORE, str(tmp_path / "rm"), json.dumps(ids)],
+        [sys.executable, "-c", VLLM_SCORE, json.dumps(jobs)],
         capture_output=True,
         text=True,
         env=env,
         timeout=600,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
-    [line] = [ln for ln in proc.stdout.splitlines() if ln.startswith("LOGITS=")]
-    logits = torch.tensor(json.loads(line.removeprefix("LOGITS=")))
-    with torch.no_grad():
-        pred = loaded.predict(**enc)
-    if kind == "distributional":
-        torch.testing.assert_close(torch.softmax(logits, -1), pred.probs, atol=1e-3, rtol=0)
-        expected = torch.softmax(logits, -1) @ torch.tensor(HH6.scores)
-    else:
-        expected = logits.squeeze(-1)
-    torch.testing.assert_close(expected, pred.expected, atol=1e-3, rtol=0)
+    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("LOGITS=")]
+    assert len(lines) == len(kinds)
+    for kind, line in zip(kinds, lines, strict=True):
+        logits = torch.tensor(json.loads(line.removeprefix("LOGITS=")))
+        pred = expected[kind]
+        if kind == "distributional":
+            torch.testing.assert_close(torch.softmax(logits, -1), pred.probs, atol=1e-3, rtol=0)
+            score = torch.softmax(logits, -1) @ torch.tensor(HH6.scores)
+        else:
+            score = logits.squeeze(-1)
+        torch.testing.assert_close(score, pred.expected, atol=1e-3, rtol=0)
