@@ -12,7 +12,12 @@ from __future__ import annotations
 from dataclasses import dataclass, field, replace
 
 from dprm_ray.config import MISSING, ConfigError, check_ranges
-from dprm_ray.precision import check_precision, check_precision_name
+from dprm_ray.precision import (
+    allow_slow_cpu_precision_field,
+    check_precision,
+    check_precision_name,
+    precision_field,
+)
 from dprm_ray.training import OptimConfig, ScaleConfig, WandbConfig
 
 __all__ = [
@@ -153,19 +158,8 @@ class LearnerConfig:
             "epochs and steps are the driver's)"
         },
     )
-    precision: str = field(
-        default="fp32",
-        metadata={
-            "help": "fp32 | bf16 | fp16: DeepSpeed mixed precision (fp32 master weights); "
-            "bf16/fp16 on a CPU need allow_slow_cpu_precision"
-        },
-    )
-    allow_slow_cpu_precision: bool = field(
-        default=False,
-        metadata={
-            "help": "accept bf16/fp16 on a CPU device (measured 8.5x / 14.2x slower than fp32)"
-        },
-    )
+    precision: str = precision_field()
+    allow_slow_cpu_precision: bool = allow_slow_cpu_precision_field()
     seed: int = field(default=0, metadata={"min": 0, "help": "initialisation seed"})
 
     def validate(self, prefix: str = "learner") -> None:
@@ -416,19 +410,8 @@ class DistillConfig:
         default_factory=lambda: OptimConfig(lr=1e-5, batch_size=4, epochs=1, grad_clip=1.0)
     )
     scale: ScaleConfig = field(default_factory=ScaleConfig)
-    precision: str = field(
-        default="fp32",
-        metadata={
-            "help": "fp32 | bf16 | fp16: DeepSpeed mixed precision (fp32 master weights); "
-            "bf16/fp16 on a CPU need allow_slow_cpu_precision"
-        },
-    )
-    allow_slow_cpu_precision: bool = field(
-        default=False,
-        metadata={
-            "help": "accept bf16/fp16 on a CPU device (measured 8.5x / 14.2x slower than fp32)"
-        },
-    )
+    precision: str = precision_field()
+    allow_slow_cpu_precision: bool = allow_slow_cpu_precision_field()
     seed: int = field(default=0, metadata={"min": 0})
     checkpoint_every: int = field(default=50, metadata={"min": 0})
     resume: bool = True

@@ -16,6 +16,7 @@ Pure: torch is imported inside the functions that need it, so that reading a con
 from __future__ import annotations
 
 import contextlib
+from dataclasses import field
 from typing import Any
 
 from dprm_ray.config import ConfigError
@@ -23,12 +24,14 @@ from dprm_ray.config import ConfigError
 __all__ = [
     "CPU_SLOWDOWN",
     "PRECISIONS",
+    "allow_slow_cpu_precision_field",
     "autocast",
     "check_precision",
     "check_precision_name",
     "deepspeed_precision",
     "default_device",
     "module_device",
+    "precision_field",
     "torch_dtype",
     "vllm_dtype",
 ]
@@ -40,6 +43,28 @@ PRECISIONS = ("fp32", "bf16", "fp16")
 # AVX-512, torch 2.13; README "Precision"). Bigger models are matmul-bound and slower still: a
 # 1024x1024 bf16 matmul took 39x the fp32 time on the same machine.
 CPU_SLOWDOWN = {"bf16": 8.5, "fp16": 14.2}
+
+
+def precision_field() -> Any:
+    """The `precision` field of a training config (learner, train-reward, distill)."""
+    return field(
+        default="fp32",
+        metadata={
+            "help": "fp32 | bf16 | fp16: DeepSpeed mixed precision (fp32 master weights); "
+            "bf16/fp16 on a CPU need allow_slow_cpu_precision"
+        },
+    )
+
+
+def allow_slow_cpu_precision_field() -> Any:
+    """The opt-in field that accepts bf16/fp16 on a CPU device, with the measured slow-down."""
+    factors = " / ".join(f"{CPU_SLOWDOWN[p]:.1f}x" for p in ("bf16", "fp16"))
+    return field(
+        default=False,
+        metadata={
+            "help": f"accept bf16/fp16 on a CPU device (measured {factors} slower than fp32)"
+        },
+    )
 
 
 def check_precision_name(precision: str, key: str, allow_empty: bool = False) -> None:

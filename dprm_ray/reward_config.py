@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from dprm_ray.config import MISSING
-from dprm_ray.precision import check_precision
+from dprm_ray.precision import allow_slow_cpu_precision_field, check_precision, precision_field
 from dprm_ray.training import OptimConfig, ScaleConfig, WandbConfig
 
 __all__ = ["LOSSES", "BackboneConfig", "LossConfig", "TargetConfig", "TrainRewardConfig"]
@@ -78,16 +78,8 @@ class TrainRewardConfig:
     backbone: BackboneConfig = field(default_factory=BackboneConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     scale: ScaleConfig = field(default_factory=ScaleConfig)
-    precision: str = field(
-        default="fp32",
-        metadata={
-            "help": "fp32 | bf16 | fp16: DeepSpeed mixed precision (fp32 master weights); "
-            "bf16/fp16 on a CPU need allow_slow_cpu_precision"
-        },
-    )
-    allow_slow_cpu_precision: bool = field(
-        default=False, metadata={"help": "accept bf16/fp16 without a GPU (scale.use_gpu=false)"}
-    )
+    precision: str = precision_field()
+    allow_slow_cpu_precision: bool = allow_slow_cpu_precision_field()
     seed: int = field(default=0, metadata={"min": 0})
     bootstrap: bool = field(
         default=False,
