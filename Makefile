@@ -43,8 +43,9 @@ quickstart: setup
 
 # Two pytest workers (pytest-xdist), a test file each at a time: most slow tests wait on
 # subprocess and Ray start-up, so two share the 2 cores well; each worker has its own Ray cluster.
+# Files go out in the order tests/conftest.py sets (longest first), not xdist's by test count.
 test: setup
-	$(PYTHON) -m pytest -n 2 --dist loadfile --durations=20
+	$(PYTHON) -m pytest -n 2 --dist loadfile --no-loadscope-reorder --durations=20
 
 test-fast: setup
 	$(PYTHON) -m pytest -m "not slow" -x -q

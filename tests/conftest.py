@@ -35,13 +35,54 @@ def run_cli(
     )
 
 
+# The test files that take longest under `make test`, longest first. `make test` hands whole files
+# to two pytest-xdist workers in collection order (--dist loadfile --no-loadscope-reorder), so these
+# go first and the workers finish together, instead of one starting a 5-minute file near the end.
+# Update from the "slowest test files" table `make test` prints.
+LONGEST_FILES = (
+    "test_sweep.py",
+    "test_train_policy.py",
+    "test_quickstart.py",
+    "test_autoscaling.py",
+    "test_annotate_job.py",
+    "test_learner.py",
+    "test_serve.py",
+    "test_train_reward.py",
+    "test_checkpoint_format.py",
+    "test_job_submit.py",
+    "test_distill.py",
+    "test_judge_vllm_server.py",
+)
+
+
 @pytest.hookimpl(tryfirst=True)  # before `-m "not slow"` deselects
 def pytest_collection_modifyitems(config, items):
     """A test on the session's Ray cluster (directly or through a fixture) takes 5-60 s here, so
-    it is `slow`: `make test` runs it, `make test-fast` leaves it out."""
+    it is `slow`: `make test` runs it, `make test-fast` leaves it out. The longest files go first
+    (a stable sort: the order within a file and among the rest is kept)."""
     for item in items:
         if "ray_local" in item.fixturenames:
             item.add_marker(pytest.mark.slow)
+    rank = {name: i for i, name in enumerate(LONGEST_FILES)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))
+
+
+_seconds_per_file: dict[str, float] = {}
+
+
+def pytest_runtest_logreport(report):
+    """Sum each file's set-up, call and tear-down times (on xdist's controller too)."""
+    _seconds_per_file[report.fspath] = _seconds_per_file.get(report.fspath, 0.0) + report.duration
+
+
+def pytest_terminal_summary(terminalreporter):
+    """Print the slowest test files, the figures LONGEST_FILES is ordered by."""
+    if not _seconds_per_file or not terminalreporter.config.getoption("durations"):
+        return
+    terminalreporter.write_sep("=", "slowest test files (set-up + call + tear-down)")
+    ranked = sorted(_seconds_per_file.items(), key=lambda kv: -kv[1])
+    for path, seconds in ranked[:15]:
+        terminalreporter.write_line(f"{seconds:8.1f}s {path}")
 
 
 @pytest.fixture(scope="session")
