@@ -569,23 +569,32 @@ def embed_texts(
     progress: bool = False,
     pooling: str = "mean",
 ) -> torch.Tensor:
-    """Pooled backbone features of (prompt, response) pairs, [N, H] float32.
+    """Pooled backbone features of (prompt, response) pairs, [N, H] float32, in input order.
 
-    `pooling` must be the reward model's: "mean" for encoders, "last" for causal LMs.
+    `pooling` must be the reward model's: "mean" for encoders, "last" for causal LMs. Batches are
+    formed longest text first, so a batch pads to texts of about its own length (the padding of
+    a batch of mixed lengths cost most of the compute); the result is the same.
     """
     pool = pool_last_token if pooling == "last" else pool_mean
     from tqdm import tqdm
 
+    order = sorted(range(len(prompts)), key=lambda i: -(len(prompts[i]) + len(responses[i])))
     chunks = []
-    starts = range(0, len(prompts), batch_size)
+    starts = range(0, len(order), batch_size)
     with torch.no_grad():
         for i in tqdm(starts, desc="embed", unit="batch", disable=not progress):
+            rows = order[i : i + batch_size]
             batch = tokenize_pairs(
-                tokenizer, prompts[i : i + batch_size], responses[i : i + batch_size], max_length
+                tokenizer, [prompts[j] for j in rows], [responses[j] for j in rows], max_length
             )
             hidden = encoder(**batch).last_hidden_state
             chunks.append(pool(hidden, batch["attention_mask"]).float())
-    return torch.cat(chunks) if chunks else torch.empty(0)
+    if not chunks:
+        return torch.empty(0)
+    by_length = torch.cat(chunks)
+    features = torch.empty_like(by_length)
+    features[torch.tensor(order)] = by_length
+    return features
 
 
 def cached_embeddings(

@@ -228,6 +228,22 @@ def training_data(cfg: TrainRewardConfig) -> tuple[LabelSpace, RewardData, Rewar
     return space, train, held
 
 
+def cache_features(cfg: TrainRewardConfig) -> int:
+    """Embed the run's training and held-out texts with its frozen backbone into the on-disk
+    cache that the workers read (`cached_embeddings`); the number of texts."""
+    _, train, held = training_data(cfg)
+    for data in (train, held):
+        cached_embeddings(
+            cfg.backbone.spec,
+            data.prompts,
+            data.responses,
+            cfg.backbone.max_length,
+            progress=True,
+            backbone_kind=cfg.backbone.kind,
+        )
+    return len(train.prompts) + len(held.prompts)
+
+
 def check_batches(cfg: TrainRewardConfig, train: RewardData) -> None:
     """DataError unless the training data fill one global batch of `scale.num_workers` workers."""
     is_bt = cfg.loss.kind == "bt"

@@ -14,6 +14,9 @@ import pandas as pd
 class PersonaAnnotator:
     def __init__(self, judge: dict[str, Any]):
         os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+        from dprm_ray.cpus import use_assigned_cpus
+
+        use_assigned_cpus()  # all of the actor's CPUs, whatever its process ran before
         from omegaconf import OmegaConf
 
         from dprm_ray.gold import GoldCrowd

@@ -17,6 +17,9 @@ class RewardEnsembleScorer:
 
     def __init__(self, model_dirs: list[str], max_length: int = 512):
         os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+        from dprm_ray.cpus import use_assigned_cpus
+
+        use_assigned_cpus()  # all of the actor's CPUs, whatever its process ran before
         from dprm_ray.precision import default_device
         from dprm_ray.reward_models import load_reward_model
 
@@ -53,6 +56,9 @@ class ReferenceScorer:
         seed: int = 0,
     ):
         os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+        from dprm_ray.cpus import use_assigned_cpus
+
+        use_assigned_cpus()  # all of the actor's CPUs, whatever its process ran before
         from dprm_ray.models import load_model
         from dprm_ray.precision import default_device
 

@@ -34,6 +34,7 @@ class EvaluateRewardConfig:
 
 
 def evaluate_reward(cfg: EvaluateRewardConfig) -> dict:
+    from dprm_ray.cpus import use_assigned_cpus
     from dprm_ray.labels import get_label_space
     from dprm_ray.pal import is_pal_dir
     from dprm_ray.reward_config import TargetConfig
@@ -45,6 +46,8 @@ def evaluate_reward(cfg: EvaluateRewardConfig) -> dict:
     )
     from dprm_ray.reward_training import evaluate, load_reward_data
 
+    # The driver scores alone: every core (under `ray job submit` it inherits one thread).
+    use_assigned_cpus()
     if is_pal_dir(cfg.model):
         return _evaluate_pal(cfg)
     model, tokenizer = load_reward_model(cfg.model, with_backbone=False)

@@ -105,3 +105,14 @@ def init_ray(
         log_to_driver=loud or actor_output,
         **kwargs,
     )
+
+
+def node_cpus(wanted: float, at_least: float) -> float:
+    """`wanted` CPUs capped at the largest live node's, for work that runs on one node; never
+    below `at_least` (a size the cluster is known to fit, or can scale up to fit)."""
+    import ray
+
+    largest = max(
+        (node["Resources"].get("CPU", 0.0) for node in ray.nodes() if node["Alive"]), default=0.0
+    )
+    return max(at_least, min(wanted, largest))
