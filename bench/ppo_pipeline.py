@@ -1,9 +1,12 @@
 """How much of a distributed PPO step is model compute, and how it compares with one process.
 
 Runs the same PPO steps (SmolLM2 policy with LoRA, the configs/ppo.yaml set-up, a DPRM on MiniLM)
-twice in one invocation:
-  distributed  `dprm_ray.jobs.train_policy.train_policy`: rollout worker, reward shards, DeepSpeed learner
-               as Ray actors; each actor times its own model work
+in one invocation, one after another:
+  split        `dprm_ray.jobs.train_policy.train_policy` with placement=split: rollout worker,
+               reward shards, DeepSpeed learner as Ray actors, each on the threads of the CPUs it
+               asks for, the step's prompts in chunk_size chunks; each actor times its own work
+  colocate     the same with placement=colocate: every actor on all the node's cores (passive
+               OpenMP waits), each rollout worker's share of a step as one batch
   one process  the same engines called in a plain loop: vLLM generate of the whole batch, reward
                forward, PPO update, weight export and reload
 
@@ -11,7 +14,10 @@ Per distributed step, model compute on the critical path = the busiest rollout w
 generation + the last chunk's scoring + the learner's update + the weight export and reload;
 orchestration = step wall time - that. The first step (warm-up) is left out.
 
-    python bench/ppo_pipeline.py --steps 6
+    python bench/ppo_pipeline.py --steps 6 [--only split,colocate,one-process]
+
+Targets (issue #14, as ratios within one run): colocate step <= 1.15x the one-process step;
+orchestration <= 5% of the colocated step.
 """
 
 from __future__ import annotations
@@ -44,8 +50,9 @@ def reward_model(path: Path, encoder: str) -> Path:
     return path
 
 
-def ppo_overrides(args, reward: Path, out: Path) -> list[str]:
+def ppo_overrides(args, reward: Path, out: Path, placement: str = "split") -> list[str]:
     return [
+        f"placement={placement}",
         f"learner.model={args.policy}",
         f"rollout.engine={args.engine}",
         f"reward.model={reward}",
@@ -60,13 +67,15 @@ def ppo_overrides(args, reward: Path, out: Path) -> list[str]:
     ]
 
 
-def distributed(args, reward: Path, out: Path) -> dict[str, float]:
+def distributed(args, reward: Path, out: Path, placement: str) -> dict[str, float]:
     from dprm_ray.config import load_config
     from dprm_ray.jobs.train_policy import train_policy
     from dprm_ray.policy_config import TrainPolicyConfig
 
     cfg = load_config(
-        TrainPolicyConfig, REPO / "configs" / "ppo.yaml", ppo_overrides(args, reward, out)
+        TrainPolicyConfig,
+        REPO / "configs" / "ppo.yaml",
+        ppo_overrides(args, reward, out, placement),
     )
     train_policy(cfg)
     steps = [json.loads(x) for x in (out / "steps.jsonl").read_text().splitlines()]
@@ -138,37 +147,46 @@ def main() -> None:
     ap.add_argument("--engine", default="vllm", help="vllm or transformers")
     ap.add_argument("--steps", type=int, default=6)
     ap.add_argument("--prompts-per-step", type=int, default=4)
-    ap.add_argument("--only", choices=("distributed", "one-process"), default=None)
+    ap.add_argument(
+        "--only", default="split,colocate,one-process", help="comma-separated runs, in order"
+    )
     args = ap.parse_args()
+    runs = args.only.split(",")
     if args.steps < 4:
         sys.exit("--steps must be >= 4 (warm-up and the last step are left out)")
+    if not set(runs) <= {"split", "colocate", "one-process"}:
+        sys.exit("--only: split, colocate and/or one-process")
     work = Path(tempfile.mkdtemp(prefix="bench-ppo-"))
     reward = reward_model(work / "reward", args.encoder)
-    results = {}
-    if args.only in (None, "distributed"):
-        results["distributed"] = distributed(args, reward, work / "ppo")
+    results = {"load_before": os.getloadavg()[0]}
+    for run in runs:
+        if run == "one-process":
+            results["one_process"] = one_process(args, reward)
+            continue
+        results[run] = distributed(args, reward, work / f"ppo-{run}", run)
         import ray
 
         ray.shutdown()
-    if args.only in (None, "one-process"):
-        results["one_process"] = one_process(args, reward)
+    results["load_after"] = os.getloadavg()[0]
     print(json.dumps(results, indent=2))
-    if "distributed" in results:
-        d = results["distributed"]
+    for run in ("split", "colocate"):
+        if run not in results:
+            continue
+        d = results[run]
         orchestration = d["step_s"] - d["compute_s"]
         print(
-            f"\ndistributed step {d['step_s']:.2f} s: model compute {d['compute_s']:.2f} s "
+            f"\n{run} step {d['step_s']:.2f} s: model compute {d['compute_s']:.2f} s "
             f"(generate {d['generate_s']:.2f}, reward tail {d['reward_s']:.2f}, "
             f"train {d['train_s']:.2f}, weight export+reload {d['sync_s']:.2f}); "
-            f"orchestration {orchestration:.2f} s = {100 * orchestration / d['step_s']:.1f}% "
-            "(target <= 10%)"
+            f"orchestration {orchestration:.2f} s = {100 * orchestration / d['step_s']:.1f}%"
+            + (" (target <= 5%)" if run == "colocate" else "")
         )
-    if len(results) == 2:
-        ratio = results["distributed"]["step_s"] / results["one_process"]["step_s"]
-        print(
-            f"one-process step {results['one_process']['step_s']:.2f} s; "
-            f"distributed / one-process = {ratio:.2f}x"
-        )
+        if "one_process" in results:
+            ratio = d["step_s"] / results["one_process"]["step_s"]
+            target = " (target <= 1.15x)" if run == "colocate" else ""
+            print(f"{run} / one-process = {ratio:.2f}x{target}")
+    if "one_process" in results:
+        print(f"one-process step {results['one_process']['step_s']:.2f} s")
 
 
 if __name__ == "__main__":

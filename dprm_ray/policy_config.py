@@ -326,12 +326,22 @@ class TrainPolicyConfig:
         default=2, metadata={"min": 1, "help": "checkpoints kept on disk"}
     )
     resume: bool = field(default=True, metadata={"help": "continue from the latest checkpoint"})
+    placement: str = field(
+        default="split",
+        metadata={
+            "help": "split: each role computes on the CPUs/GPUs it asks Ray for (clusters); "
+            "colocate (one CPU node): generate, score and train take turns with every core of "
+            "the node: each actor gets the node's core count of torch threads that sleep when "
+            "idle (OMP_WAIT_POLICY=PASSIVE), and each rollout worker samples its share of a "
+            "step as one batch (chunk_size is not used)"
+        },
+    )
     actor_threads: int = field(
         default=0,
         metadata={
             "min": 0,
-            "help": "torch/OMP threads per actor (0: Ray's default, one per CPU it asks for); "
-            "on a laptop, where generate/score/train take turns, set the core count",
+            "help": "torch/OMP threads per actor (0: one per CPU it asks for under split, the "
+            "node's cores under colocate)",
         },
     )
     seed: int = field(default=0, metadata={"min": 0})
@@ -351,9 +361,26 @@ class TrainPolicyConfig:
             or self.rollout.allow_slow_cpu_precision,
         )
 
+    def rollout_chunk_size(self) -> int:
+        """Samples per rollout-worker call: `chunk_size`, or under colocate each worker's whole
+        share of a step (one batch: the phases take turns, so nothing streams meanwhile)."""
+        if self.placement != "colocate":
+            return self.chunk_size
+        samples = self.prompts_per_step * self.ppo.samples_per_prompt
+        return -(-samples // self.rollout.num_workers)
+
     def validate(self) -> None:
         """ConfigError naming the dotted key of the first bad value (the runner calls it)."""
         check_ranges(self, TrainPolicyConfig)
+        if self.placement not in ("split", "colocate"):
+            raise ConfigError(f"placement: must be split or colocate, got '{self.placement}'")
+        gpus = self.learner.gpus_per_rank + self.rollout.gpus_per_worker
+        if self.placement == "colocate" and gpus > 0:
+            raise ConfigError(
+                "placement=colocate: built for CPU nodes only so far (sleeping vLLM and "
+                "offloading DeepSpeed on shared GPUs are not built); use placement=split with "
+                "learner.gpus_per_rank / rollout.gpus_per_worker"
+            )
         self.learner.validate()
         self.ppo.validate()
         self.rollout.validate()

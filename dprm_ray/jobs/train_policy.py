@@ -151,13 +151,29 @@ def stream_step(
     return scored_rollouts, stats
 
 
+def actor_env(cfg) -> dict | None:
+    """The actors' runtime env: Ray gives an actor one torch thread per CPU it asks for; under
+    placement=colocate the phases take turns on one node, so each actor gets the node's cores,
+    with OpenMP threads that sleep instead of spinning while another role computes."""
+    from dprm_ray.jobs.ray_session import node_cpus
+
+    env_vars = {}
+    threads = cfg.actor_threads
+    if cfg.placement == "colocate":
+        threads = threads or int(node_cpus(float("inf"), at_least=1))
+        env_vars["OMP_WAIT_POLICY"] = "PASSIVE"
+    if threads:
+        env_vars["OMP_NUM_THREADS"] = str(threads)
+    return {"env_vars": env_vars} if env_vars else None
+
+
 def evaluate(
     pool: RolloutPool, shards: Any, prompts: list[dict[str, str]], version: int, weights: Any, cfg
 ) -> dict[str, float]:
     """Reward and per-category shares of the policy's responses to the held-out prompts (the
     same sampling seeds every time, so before and after differ only by the policy)."""
     items = prompt_items(prompts, list(range(len(prompts))), -1)
-    scored, _ = stream_step(pool, shards, items, -1, version, weights, cfg.chunk_size)
+    scored, _ = stream_step(pool, shards, items, -1, version, weights, cfg.rollout_chunk_size())
     return rollout_statistics(scored, shards.labels)
 
 
@@ -214,11 +230,7 @@ def train_policy(cfg: Any, on_event: Event = _no_event) -> dict[str, Any]:
     init_ray(typed.address, typed.output_dir)
     timings: dict[str, float] = {}
     t0 = time.perf_counter()
-    # Ray gives an actor one thread per CPU it asks for; where the phases take turns (a laptop)
-    # each may use every core instead.
-    env = (
-        {"env_vars": {"OMP_NUM_THREADS": str(typed.actor_threads)}} if typed.actor_threads else None
-    )
+    env = actor_env(typed)
     learner = LearnerGroup(typed.learner, typed.ppo, runtime_env=env)
     shards = ShardedReward(typed.reward, runtime_env=env)
     # The workers sample in the policy's precision (rollout.precision, else learner.precision).
@@ -251,7 +263,7 @@ def train_policy(cfg: Any, on_event: Event = _no_event) -> dict[str, Any]:
             group = typed.ppo.samples_per_prompt
             items = prompt_items(prompts, [i for i in indices for _ in range(group)], step)
             scored, phase = stream_step(
-                pool, shards, items, step, version, weights, typed.chunk_size, on_event
+                pool, shards, items, step, version, weights, typed.rollout_chunk_size(), on_event
             )
             t = time.perf_counter()
             train_metrics = learner.train(scored)

@@ -1,0 +1,51 @@
+"""train-policy's placement: split (each role on its own CPUs) or colocate (one CPU node, the
+roles take turns with every core)."""
+
+import pytest
+from omegaconf import OmegaConf
+
+from dprm_ray.config import ConfigError
+from dprm_ray.jobs.train_policy import actor_env
+from dprm_ray.policy_config import TrainPolicyConfig
+
+
+def typed(**overrides) -> TrainPolicyConfig:
+    cfg = OmegaConf.merge(
+        OmegaConf.structured(TrainPolicyConfig), {"reward": {"model": "rm"}}, overrides
+    )
+    return OmegaConf.to_object(cfg)
+
+
+def test_placement_is_split_or_colocate_and_colocate_is_cpu_only():
+    typed(placement="colocate").validate()
+    with pytest.raises(ConfigError, match="placement: must be split or colocate, got 'fused'"):
+        typed(placement="fused").validate()
+    with pytest.raises(ConfigError, match="placement=colocate: built for CPU nodes only"):
+        typed(placement="colocate", learner={"gpus_per_rank": 1}).validate()
+
+
+def test_colocated_rollout_workers_sample_their_share_of_a_step_in_one_call():
+    split = typed(prompts_per_step=8, chunk_size=2)
+    assert split.rollout_chunk_size() == 2
+    one = typed(placement="colocate", prompts_per_step=8, chunk_size=2)
+    assert one.rollout_chunk_size() == 8
+    groups = typed(
+        placement="colocate",
+        prompts_per_step=3,
+        ppo={"samples_per_prompt": 2},
+        rollout={"num_workers": 4},
+    )
+    assert groups.rollout_chunk_size() == 2  # 6 samples over 4 workers: at most 2 each
+
+
+def test_colocated_actors_get_the_nodes_cores_with_passive_waits(ray_local):
+    assert actor_env(typed()) is None
+    assert actor_env(typed(actor_threads=3)) == {"env_vars": {"OMP_NUM_THREADS": "3"}}
+    # The session's cluster is one node of 2 CPUs.
+    assert actor_env(typed(placement="colocate")) == {
+        "env_vars": {"OMP_WAIT_POLICY": "PASSIVE", "OMP_NUM_THREADS": "2"}
+    }
+    assert actor_env(typed(placement="colocate", actor_threads=1))["env_vars"] == {
+        "OMP_WAIT_POLICY": "PASSIVE",
+        "OMP_NUM_THREADS": "1",
+    }
