@@ -219,10 +219,17 @@ def train_policy(cfg: Any, on_event: Event = _no_event) -> dict[str, Any]:
     env = (
         {"env_vars": {"OMP_NUM_THREADS": str(typed.actor_threads)}} if typed.actor_threads else None
     )
-    learner = LearnerGroup(typed.learner, typed.ppo, runtime_env=env)
+    # The shards and rollout workers are created first (actor creation does not block), so they
+    # load their models while the learner group sets up DeepSpeed instead of after it.
     shards = ShardedReward(typed.reward, runtime_env=env)
     # The workers sample in the policy's precision (rollout.precision, else learner.precision).
     pool = RolloutPool(typed.rollout_config(), typed.learner.model, typed.seed, runtime_env=env)
+    try:
+        learner = LearnerGroup(typed.learner, typed.ppo, runtime_env=env)
+    except BaseException:
+        shards.shutdown()
+        pool.shutdown()
+        raise
     try:
         shards.wait_ready()
         pool.wait_ready()
