@@ -231,10 +231,17 @@ def train_policy(cfg: Any, on_event: Event = _no_event) -> dict[str, Any]:
     timings: dict[str, float] = {}
     t0 = time.perf_counter()
     env = actor_env(typed)
-    learner = LearnerGroup(typed.learner, typed.ppo, runtime_env=env)
+    # The shards and rollout workers are created first (actor creation does not block), so they
+    # load their models while the learner group sets up DeepSpeed instead of after it.
     shards = ShardedReward(typed.reward, runtime_env=env)
     # The workers sample in the policy's precision (rollout.precision, else learner.precision).
     pool = RolloutPool(typed.rollout_config(), typed.learner.model, typed.seed, runtime_env=env)
+    try:
+        learner = LearnerGroup(typed.learner, typed.ppo, runtime_env=env)
+    except BaseException:
+        shards.shutdown()
+        pool.shutdown()
+        raise
     try:
         shards.wait_ready()
         pool.wait_ready()
