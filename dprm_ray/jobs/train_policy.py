@@ -79,7 +79,7 @@ def stream_step(
     scoring: dict[Any, tuple[int, int, Any, int]] = {}  # ref -> (chunk, shard, gen ref, tries)
     results: dict[int, list[dict[str, Any]]] = {}
     attempts = [0] * len(chunks)
-    stats = {"redispatched": 0.0, "rescored": 0.0}
+    stats = {"redispatched": 0.0, "rescored": 0.0, "chunks": float(len(chunks))}
     busy: dict[int, float] = {}  # model seconds of each rollout worker's accepted chunks
     last_reward = 0.0
     start = time.perf_counter()
