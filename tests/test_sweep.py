@@ -2,18 +2,15 @@
 
 import json
 import os
-import shutil
 import signal
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
 import pyarrow.parquet as pq
 import pytest
 from conftest import REPO, run_cli
-from test_job_submit import RAY, free_ports, stop_head
 from test_train_reward import write_annotations
 
 from dprm_ray.config import ConfigError, load_config
@@ -33,20 +30,28 @@ train:
   optim: {{batch_size: 8, max_steps: {steps}, lr: 0.003}}
   scale: {{zero_stage: 0}}
   eval_every: 5
-  checkpoint_every: 10
+  checkpoint_every: {checkpoint_every}
   wandb: {{mode: disabled}}
 max_concurrent_trials: 1
 """
 
 
-def tiny_config(tmp_path: Path, search: str, steps: int = 30) -> Path:
+def tiny_config(tmp_path: Path, search: str, steps: int = 20, checkpoint_every: int = 0) -> Path:
+    """A sweep of `steps`-step trials evaluated every 5 steps; checkpoint_every 0 saves no
+    checkpoints (only the resume test needs them: each costs a DeepSpeed save per trial)."""
     data = tmp_path / "ann.parquet"
     if not data.exists():
         write_annotations(data)
         write_annotations(tmp_path / "held.parquet", prompts=9)
     path = tmp_path / "sweep.yaml"
     path.write_text(
-        TINY_TRAIN.format(data=data, held=tmp_path / "held.parquet", steps=steps) + search
+        TINY_TRAIN.format(
+            data=data,
+            held=tmp_path / "held.parquet",
+            steps=steps,
+            checkpoint_every=checkpoint_every,
+        )
+        + search
     )
     return path
 
@@ -125,11 +130,11 @@ def test_four_trial_asha_sweep(tmp_path):
         (0.2, 1e-7),
         (0.2, 0.003),
     ]
-    full = 30 // 5  # evaluations of a trial that runs to the end
+    full = 20 // 5  # evaluations of a trial that runs to the end
     hopeless = [r for r in rows if r["optim.lr"] == 1e-7]
     assert all(r["status"] == "stopped" and r["evaluations"] < full for r in hopeless), rows
     first = next(r for r in rows if r["trial_id"].endswith("_00000"))
-    assert first["status"] == "completed" and first["evaluations"] == full and first["steps"] == 30
+    assert first["status"] == "completed" and first["evaluations"] == full and first["steps"] == 20
     assert all(r["attempts"] == 1 and r["error"] == "" for r in rows)
 
     metrics = json.loads((out / "metrics.json").read_text())
@@ -149,10 +154,12 @@ def test_four_trial_asha_sweep(tmp_path):
 @pytest.mark.slow
 @pytest.mark.usefixtures("jobs_join_ray_local")
 def test_killed_sweep_resumes_without_rerunning_finished_trials(tmp_path):
+    # Three trials, one after the other: killed once the first has finished (and Tune has saved
+    # that), the resumed sweep must run the other two and not the first again.
     config = tiny_config(
         tmp_path,
-        "search:\n  targets.eps: {grid: [0.0, 0.1, 0.2, 0.3]}\nasha: {enabled: false}\n",
-        steps=40,
+        "search:\n  targets.eps: {grid: [0.0, 0.1, 0.2]}\nasha: {enabled: false}\n",
+        checkpoint_every=10,
     )
     out = tmp_path / "out"
     args = ["sweep", "--config", str(config), f"output_dir={out}"]
@@ -167,23 +174,37 @@ def test_killed_sweep_resumes_without_rerunning_finished_trials(tmp_path):
     def finished() -> set[str]:
         return {p.parent.name for p in (out / "trials").glob("*/train_metrics.json")}
 
+    def saved_as_finished() -> set[str]:
+        """Trials that Tune's saved experiment state lists as finished (TERMINATED)."""
+        done = set()
+        for state_file in (out / "tune").glob("experiment_state-*.json"):
+            try:
+                trials = json.loads(state_file.read_text())["trial_data"]
+            except (OSError, ValueError, KeyError):  # not written yet
+                continue
+            for trial_json, _ in trials:
+                trial = json.loads(trial_json)
+                if trial["status"] == "TERMINATED":
+                    done.add(trial["trial_id"])
+        return done
+
+    # Tune saves its experiment state every second (the job sets it): polled, not slept for.
     deadline = time.time() + 300
-    while len(finished()) < 2:
-        assert proc.poll() is None and time.time() < deadline, "sweep ended before 2 trials"
+    while not (done := finished()) or not done <= saved_as_finished():
+        assert proc.poll() is None and time.time() < deadline, "sweep ended before 1 trial"
         time.sleep(0.1)
-    time.sleep(3)  # Tune saves its experiment state every second (the job sets it)
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()
     done_before = finished()
     assert not (out / "metrics.json").exists(), "the sweep finished before it could be killed"
-    assert len(done_before) < 4
+    assert len(done_before) < 3
 
     resumed = run_cli(*args)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert "sweep: resuming" in resumed.stdout
     rows = pq.read_table(out / "results.parquet").to_pylist()
-    assert sorted(r["targets.eps"] for r in rows) == [0.0, 0.1, 0.2, 0.3]
-    assert all(r["status"] == "completed" and r["steps"] == 40 for r in rows), rows
+    assert sorted(r["targets.eps"] for r in rows) == [0.0, 0.1, 0.2]
+    assert all(r["status"] == "completed" and r["steps"] == 20 for r in rows), rows
     attempts = {r["trial_id"]: r["attempts"] for r in rows}
     assert set(attempts) == finished() and done_before < set(attempts)
     for trial_id in done_before:
@@ -194,57 +215,28 @@ def test_killed_sweep_resumes_without_rerunning_finished_trials(tmp_path):
     assert changed.returncode == 2 and "'num_samples' differs" in changed.stderr
 
 
-@pytest.fixture
-def head_without_dashboard():
-    """A real Ray head on 127.0.0.1 without a dashboard, so without the state API: Ray Train's
-    own placement-group cleaner cannot tell that a stopped trial's trainer is gone (in CI it
-    also failed when that API timed out on a busy machine)."""
-    temp_dir = tempfile.mkdtemp(prefix="raysw_", dir="/tmp")
-    ports = free_ports(5)
-    env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")}
-    env["RAY_AUTH_MODE"] = "disabled"
-    start = [
-        *(RAY, "start", "--head", "--node-ip-address=127.0.0.1", f"--port={ports[0]}"),
-        *("--num-cpus=2", "--include-dashboard=false", f"--temp-dir={temp_dir}"),
-        *(f"--metrics-export-port={ports[1]}", f"--runtime-env-agent-port={ports[2]}"),
-        *(f"--ray-client-server-port={ports[3]}", f"--node-manager-port={ports[4]}"),
-        "--disable-usage-stats",
-    ]
-    try:
-        proc = subprocess.run(start, env=env, capture_output=True, text=True, timeout=180)
-        assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-        yield {"address": f"127.0.0.1:{ports[0]}", "env": env}
-    finally:
-        stop_head(temp_dir)
-        shutil.rmtree(temp_dir, ignore_errors=True)
-
-
 @pytest.mark.slow
-def test_multi_worker_trials_run_ray_train_with_deepspeed(tmp_path, head_without_dashboard):
+@pytest.mark.usefixtures("jobs_join_ray_local")
+def test_multi_worker_trials_run_ray_train_with_deepspeed(tmp_path):
     # Each trial is a TorchTrainer with 2 DeepSpeed ZeRO-3 workers (gloo) taking 1.8 of the
-    # head's 2 CPUs, so one trial runs at a time; ASHA stops the hopeless one, whose workers must
-    # give their CPUs back for the next trial to start.
+    # session cluster's 2 CPUs, so one trial runs at a time; ASHA stops the hopeless one, whose
+    # workers must give their CPUs back for the next trial to start. The session cluster has no
+    # dashboard, so no state API: Ray Train's own placement-group cleaner cannot tell that a
+    # stopped trial's trainer is gone (in CI that API also timed out on a busy machine), and the
+    # sweep's own release of the workers is what lets the third trial start.
     config = tiny_config(
         tmp_path,
         "search:\n  optim.lr: {grid: [0.003, 1.0e-7, 0.003]}\nresources: {workers: 2, cpus: 0.9}\n",
-        steps=20,
+        steps=10,
     )
     config.write_text(config.read_text().replace("zero_stage: 0", "zero_stage: 3"))
     out = tmp_path / "out"
-    proc = subprocess.run(
-        [sys.executable, "-m", "dprm_ray.jobs.cli", "sweep", "--config", str(config)]
-        + [f"output_dir={out}", f"address={head_without_dashboard['address']}"],
-        cwd=REPO,
-        env=head_without_dashboard["env"],
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
+    proc = run_cli("sweep", "--config", str(config), f"output_dir={out}")
     assert proc.returncode == 0, proc.stderr[-3000:]
     rows = sorted(pq.read_table(out / "results.parquet").to_pylist(), key=lambda r: r["trial_id"])
     assert [r["status"] for r in rows] == ["completed", "stopped", "completed"], rows
-    # Every evaluation of a finished trial reached Tune, the last one included.
-    assert [r["evaluations"] for r in rows] == [4, 1, 4]
+    # Every evaluation of a finished trial reached Tune (at step 5 and at the end, step 10).
+    assert [r["evaluations"] for r in rows] == [2, 1, 2]
     assert rows[0]["w1"] == pytest.approx(rows[2]["w1"], abs=1e-6)  # same config, same result
     for r in rows:
         assert (Path(r["trial_dir"]) / "ray").is_dir()  # the trial's Ray Train run
