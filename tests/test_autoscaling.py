@@ -36,9 +36,6 @@ pytestmark = pytest.mark.slow
 HEAD_ID = "f" * 51 + "00000"  # the fake provider's head node id
 MAX_NODES = 3
 IDLE_TIMEOUT_MIN = 0.1  # 6 s: the test waits for scale-down, a real cluster would use minutes
-# Rows for the annotation pool: on a loaded 2-core machine the third node came up ~30 s after the
-# first, while 240 rows took ~290 s to judge, so half as many still keep rows waiting long enough.
-ROWS = 120
 
 
 def _free_port() -> int:
@@ -234,7 +231,7 @@ def test_annotation_pool_scales_the_cluster_up_and_back_down(fake_cluster, tmp_p
     assert fake_cluster.worker_nodes() == 0
     rows = [
         {"prompt": f"Human: question number {i}?", "response": f"Here is answer {i}."}
-        for i in range(ROWS)
+        for i in range(240)
     ]
     inp = tmp_path / "in.parquet"
     pq.write_table(pa.Table.from_pylist(rows), inp)
@@ -258,7 +255,7 @@ def test_annotation_pool_scales_the_cluster_up_and_back_down(fake_cluster, tmp_p
     out = load_rows(tmp_path / "ann.parquet", kind="annotations", num_labels=6).rows
     assert sorted(r["prompt"] for r in out) == sorted(r["prompt"] for r in rows)
     assert len({row_key(r["prompt"], r["response"]) for r in out}) == len(rows)
-    assert f"processed {ROWS}, rejected 0" in proc.stdout
+    assert "processed 240, rejected 0" in proc.stdout
     assert max(during) == MAX_NODES, timeline.changes()  # the pool grew to 3 actors on 3 nodes
     assert scaled_down, f"idle nodes were not removed: {timeline.changes()}"
 
