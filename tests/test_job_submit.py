@@ -160,7 +160,8 @@ def write_tiny_annotations(path: Path, prompts: int = 16) -> Path:
 def test_ray_job_submit_train_reward(ray_head, tmp_path):
     runtime_env = readme_runtime_env()
     assert {".git", "outputs"} <= set(runtime_env["excludes"])
-    data = write_tiny_annotations(tmp_path / "ann.parquet")
+    # 8 prompts: 1 held out, 14 responses to train on, so 2 steps in 2 epochs of batch 8.
+    data = write_tiny_annotations(tmp_path / "ann.parquet", prompts=8)
     config = tmp_path / "tiny.yaml"
     config.write_text(
         "# dprm-ray train-reward\n"

@@ -64,12 +64,17 @@ def items(n, offset=0):
 
 
 @pytest.fixture(scope="module")
-def server(ray_local, tmp_path_factory):
+def model_dir(tmp_path_factory):
+    """One reward-model folder for every test of the module (the servers only read it)."""
+    return tiny_dprm(tmp_path_factory.mktemp("serve") / "rm")
+
+
+@pytest.fixture(scope="module")
+def server(ray_local, model_dir):
     from ray import serve
 
     from dprm_ray.jobs.serve import ServeConfig, deploy
 
-    model_dir = tiny_dprm(tmp_path_factory.mktemp("serve") / "rm")
     cfg = ServeConfig(
         model=str(model_dir),
         port=free_port(),
@@ -196,66 +201,105 @@ def test_32_concurrent_clients_20_requests_each_without_errors(server):
     assert sum(done) == 32 * 20
 
 
+def start_cli_server(model_dir, run_dir) -> dict:
+    """`python -m dprm_ray.jobs.serve` on a Ray cluster of its own, as a user starts it."""
+    run_dir.mkdir(parents=True)
+    port = free_port()
+    stderr = run_dir.parent / f"{run_dir.name}.stderr"  # a file: an unread pipe could fill up
+    command = [
+        *(sys.executable, "-m", "dprm_ray.jobs.serve", "--model", str(model_dir)),
+        f"port={port}",
+        "token_env=DPRM_SERVE_TOKEN",
+        "autoscaling.enabled=true",  # the autoscaling path deploys too
+        "autoscaling.max_replicas=2",
+        f"output_dir={run_dir}",
+    ]
+    with open(stderr, "w") as err:
+        proc = subprocess.Popen(
+            command,
+            cwd=REPO,
+            env={**os.environ, "DPRM_SERVE_TOKEN": TOKEN},
+            stdout=subprocess.PIPE,
+            stderr=err,
+            text=True,
+        )
+    return {"proc": proc, "port": port, "run_dir": run_dir, "stderr": stderr}
+
+
+@pytest.fixture(scope="module")
+def cli_servers(model_dir, tmp_path_factory):
+    """`cli_servers(sig)`: the CLI server that the test of stop signal `sig` stops, started on the
+    first call. Each starts Ray, Serve and a replica of its own; the test of one signal starts
+    the other signal's server while its own shuts down, so that the two overlap only there (two
+    start-ups at once on a loaded machine can outlast Serve's 5 s proxy readiness check)."""
+    root = tmp_path_factory.mktemp("cli")
+    servers: dict = {}
+
+    def get(sig: signal.Signals) -> dict:
+        if sig not in servers:
+            servers[sig] = start_cli_server(model_dir, root / f"run-{sig.name}")
+        return servers[sig]
+
+    yield get
+    for server in servers.values():
+        if server["proc"].poll() is None:
+            server["proc"].kill()
+            server["proc"].wait()
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("stop_signal", [signal.SIGINT, signal.SIGTERM])
-def test_cli_serves_until_interrupted_and_exits_0(tmp_path, stop_signal):
-    model_dir = tiny_dprm(tmp_path / "rm")
-    port = free_port()
-    env = {**os.environ, "DPRM_SERVE_TOKEN": TOKEN}
-    proc = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "dprm_ray.jobs.serve",
-            "--model",
-            str(model_dir),
-            f"port={port}",
-            "token_env=DPRM_SERVE_TOKEN",
-            "autoscaling.enabled=true",  # the autoscaling path deploys too
-            "autoscaling.max_replicas=2",
-            f"output_dir={tmp_path / 'run'}",
-        ],
-        cwd=REPO,
-        env=env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
+def test_cli_serves_until_interrupted_and_exits_0(cli_servers, stop_signal):
+    server = cli_servers(stop_signal)
+    proc, port = server["proc"], server["port"]
+
+    def stderr() -> str:
+        return server["stderr"].read_text()[-5000:]
+
     try:
         line = ""
-        deadline = time.monotonic() + 180
+        deadline = time.monotonic() + 300
         while "serving" not in line and time.monotonic() < deadline and proc.poll() is None:
             line = proc.stdout.readline()
-        assert f"at http://127.0.0.1:{port}/score" in line, (
-            proc.stderr.read() if proc.poll() else line
-        )
+        assert f"at http://127.0.0.1:{port}/score" in line, stderr() if proc.poll() else line
         status, out = post(f"http://127.0.0.1:{port}/score", {"items": items(2)})
         assert status == 200 and len(out["scores"]) == 2
         assert post(f"http://127.0.0.1:{port}/score", {"items": items(1)}, token=None)[0] == 401
+        other = signal.SIGTERM if stop_signal == signal.SIGINT else signal.SIGINT
+        cli_servers(other)  # starts up while this one shuts down
         proc.send_signal(stop_signal)
-        assert proc.wait(timeout=120) == 0, proc.stderr.read()
+        assert proc.wait(timeout=120) == 0, stderr()
     finally:
         if proc.poll() is None:
             proc.kill()
-    metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    metrics = json.loads((server["run_dir"] / "metrics.json").read_text())
     assert metrics["url"] == f"http://127.0.0.1:{port}" and metrics["served_s"] > 0
     with pytest.raises(OSError):  # nothing listens any more
         urllib.request.urlopen(f"http://127.0.0.1:{port}/healthz", timeout=5)
 
 
 @pytest.mark.slow
-def test_cli_refuses_a_folder_that_is_no_reward_model_and_an_unset_token(tmp_path):
-    from conftest import run_cli
-
+def test_cli_refuses_a_folder_that_is_no_reward_model_and_an_unset_token(tmp_path, model_dir):
     out = f"output_dir={tmp_path / 'run'}"
-    proc = run_cli("serve", "--model", str(tmp_path), out)
-    assert proc.returncode == 2 and "model:" in proc.stderr and "reward_model.json" in proc.stderr
-    model_dir = tiny_dprm(tmp_path / "rm")
     env_name = "DPRM_SERVE_TOKEN_UNSET_FOR_TEST"
     assert env_name not in os.environ
-    proc = run_cli("serve", "--model", str(model_dir), f"token_env={env_name}", out)
-    assert proc.returncode == 2 and f"'{env_name}' is not set" in proc.stderr
-    proc = run_cli(
-        "serve", "--model", str(model_dir), "max_batch_size=8", "max_items_per_request=9", out
-    )
-    assert proc.returncode == 2 and "max_batch_size: 8 items" in proc.stderr
+    cases = [  # three CLI runs at once: each is mostly Python start-up
+        ("--model", str(tmp_path), out),
+        ("--model", str(model_dir), f"token_env={env_name}", out),
+        ("--model", str(model_dir), "max_batch_size=8", "max_items_per_request=9", out),
+    ]
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-m", "dprm_ray.jobs.cli", "serve", *args],
+            cwd=REPO,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for args in cases
+    ]
+    errs = [proc.communicate(timeout=600)[1] for proc in procs]
+    (rc1, rc2, rc3), (err1, err2, err3) = [proc.returncode for proc in procs], errs
+    assert rc1 == 2 and "model:" in err1 and "reward_model.json" in err1
+    assert rc2 == 2 and f"'{env_name}' is not set" in err2
+    assert rc3 == 2 and "max_batch_size: 8 items" in err3
