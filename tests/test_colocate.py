@@ -2,6 +2,7 @@
 roles take turns with every core)."""
 
 import pytest
+from conftest import REPO
 from omegaconf import OmegaConf
 
 from dprm_ray.config import ConfigError
@@ -49,3 +50,24 @@ def test_colocated_actors_get_the_nodes_cores_with_passive_waits(ray_local):
         "OMP_WAIT_POLICY": "PASSIVE",
         "OMP_NUM_THREADS": "1",
     }
+
+
+def test_the_laptop_preset_colocates_and_concurrent_quickstart_ppo_runs_split(tmp_path):
+    from dprm_ray.config import load_config
+    from dprm_ray.jobs.quickstart import QuickstartConfig, _ppo_args, resolve
+    from dprm_ray.policy_config import TrainPolicyConfig
+
+    ppo = load_config(TrainPolicyConfig, REPO / "configs" / "ppo.yaml", ["reward.model=rm"])
+    assert ppo.placement == "colocate"
+
+    def ppo_args(**values) -> list[str]:
+        plan = resolve(OmegaConf.merge(OmegaConf.structured(QuickstartConfig), values))
+        return _ppo_args(plan, tmp_path, "ot", "disabled")
+
+    # The default size runs its two PPO runs one after the other: each gets the node.
+    assert not any(a.startswith("placement=") for a in ppo_args())
+    # tiny runs them at the same time; a user's own train_policy_args still win (last).
+    assert "placement=split" in ppo_args(size="tiny")
+    assert ppo_args(size="tiny", train_policy_args=["placement=colocate"])[-1] == (
+        "placement=colocate"
+    )

@@ -517,6 +517,9 @@ def _ppo_args(plan: Plan, out: Path, kind: str, wandb: str) -> list[str]:
         f"seed={plan.seed}",
         f"wandb.mode={wandb}",
         f"output_dir={out / ('ppo-' + kind)}",
+        # configs/ppo.yaml colocates the roles on the node's cores; two PPO runs at once share the
+        # node, so each keeps to the CPUs it asks for.
+        *(["placement=split"] if "ppo" in plan.concurrent else []),
         *plan.train_policy_args,
     ]
 
