@@ -114,27 +114,50 @@ def test_bad_input_and_config_fail_naming_the_problem(tmp_path):
 
 @pytest.mark.slow
 def test_smollm2_judges_with_transformers_and_vllm_agree(tmp_path):
+    """The annotate job with the vLLM judge gives the priors of the transformers judge. The
+    transformers reference is the judge called in this process on the same rows (the job around
+    it is the same for every backend and has its own end-to-end test above): one job, one vLLM
+    engine, no second job start."""
     inp = tmp_path / "in.parquet"
-    rows_file(inp, 4, planted=False)
-    common = ["judge.model=smollm2", "judge.personas_per_item=2", "judge.max_tokens=1024"]
-    priors = {}
-    for backend in ("transformers", "vllm"):
-        out = tmp_path / f"{backend}.parquet"
-        proc = run_cli(
-            "annotate",
-            f"input={inp}",
-            f"output={out}",
-            f"judge.backend={backend}",
-            *common,
-            "pool.max_actors=1",
-            f"output_dir={tmp_path / backend}",
-            timeout=900,
+    rows = rows_file(inp, 4, planted=False)
+    common = {"model": "smollm2", "personas_per_item": 2, "max_tokens": 1024}
+    out = tmp_path / "vllm.parquet"
+    args = [
+        "annotate",
+        f"input={inp}",
+        f"output={out}",
+        "judge.backend=vllm",
+        *(f"judge.{key}={value}" for key, value in common.items()),
+        "judge.vllm.cpu_kvcache_gib=1",
+        "pool.max_actors=1",
+        f"output_dir={tmp_path / 'vllm'}",
+    ]
+    # The reference is computed while the job starts its vLLM engine (logs go to files: a full
+    # pipe would stall the job meanwhile).
+    with open(tmp_path / "stdout", "w") as stdout, open(tmp_path / "stderr", "w") as stderr:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "dprm_ray.jobs.cli", *args],
+            cwd=REPO,
+            stdout=stdout,
+            stderr=stderr,
         )
-        assert proc.returncode == 0, proc.stderr[-3000:]
-        loaded = load_rows(out, kind="annotations", num_labels=6).rows
-        assert len(loaded) == 4 and all(len(r["votes"]) == 2 for r in loaded)
-        assert {r["judge"] for r in loaded} == {f"{backend}:smollm2"}
-        priors[backend] = np.array([r["prior"] for r in loaded])
+    try:
+        reference, rejects = PersonaJudge(JudgeConfig(**common)).annotate(rows)
+        assert not rejects
+        returncode = proc.wait(timeout=900)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert returncode == 0, (tmp_path / "stderr").read_text()[-3000:]
+    priors = {}
+    for backend, annotated in (
+        ("transformers", reference),
+        ("vllm", load_rows(out, kind="annotations", num_labels=6).rows),
+    ):
+        assert len(annotated) == 4 and all(len(r["votes"]) == 2 for r in annotated)
+        assert {r["judge"] for r in annotated} == {f"{backend}:smollm2"}
+        priors[backend] = np.array([r["prior"] for r in annotated])
     np.testing.assert_allclose(priors["vllm"], priors["transformers"], atol=1e-3)
 
 

