@@ -228,19 +228,29 @@ def training_data(cfg: TrainRewardConfig) -> tuple[LabelSpace, RewardData, Rewar
     return space, train, held
 
 
-def cache_features(cfg: TrainRewardConfig) -> int:
-    """Embed the run's training and held-out texts with its frozen backbone into the on-disk
-    cache that the workers read (`cached_embeddings`); the number of texts."""
-    _, train, held = training_data(cfg)
-    for data in (train, held):
+def frozen_features(
+    cfg: TrainRewardConfig, train: RewardData, held: RewardData, progress: bool
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The frozen backbone's features of the training and held-out texts, through the on-disk
+    cache (`cached_embeddings`)."""
+    train_emb, held_emb = (
         cached_embeddings(
             cfg.backbone.spec,
             data.prompts,
             data.responses,
             cfg.backbone.max_length,
-            progress=True,
+            progress=progress,
             backbone_kind=cfg.backbone.kind,
         )
+        for data in (train, held)
+    )
+    return train_emb, held_emb
+
+
+def cache_features(cfg: TrainRewardConfig) -> int:
+    """Fill the cache that the workers then read (`frozen_features`); the number of texts."""
+    _, train, held = training_data(cfg)
+    frozen_features(cfg, train, held, progress=True)
     return len(train.prompts) + len(held.prompts)
 
 
@@ -286,17 +296,7 @@ def train_worker(
 
         for turn in (0, 1):
             if (rank == 0) == (turn == 0):
-                train_emb, held_emb = (
-                    cached_embeddings(
-                        cfg.backbone.spec,
-                        d.prompts,
-                        d.responses,
-                        cfg.backbone.max_length,
-                        progress=rank == 0,
-                        backbone_kind=cfg.backbone.kind,
-                    )
-                    for d in (train, held)
-                )
+                train_emb, held_emb = frozen_features(cfg, train, held, progress=rank == 0)
             dist.barrier()
 
     engine = deepspeed_engine(model, cfg.optim, cfg.scale.zero_stage, cfg.precision)
