@@ -85,6 +85,16 @@ def pytest_terminal_summary(terminalreporter):
         terminalreporter.write_line(f"{seconds:8.1f}s {path}")
 
 
+@pytest.fixture(autouse=True)
+def undo_job_log_routing():
+    """A test that calls a job function directly (not through the runner, which undoes it when the
+    job ends) leaves that job's log routing on the root logger; undo it so that the next test in
+    this worker starts from Python's own logging set-up."""
+    yield
+    if "dprm_ray.jobs.ray_session" in sys.modules:
+        sys.modules["dprm_ray.jobs.ray_session"].restore_library_logs()
+
+
 @pytest.fixture(scope="session")
 def ray_local():
     """A real local Ray cluster for the tests that need one (shut down at the end).

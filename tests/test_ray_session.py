@@ -60,10 +60,26 @@ def test_library_lines_go_to_the_job_log_and_errors_to_the_console(tmp_path):
     assert not (tmp_path / "loud" / "job.log").exists()
 
 
+def test_a_job_called_directly_routes_its_logs_until_the_test_ends(tmp_path):
+    """A job function called without the runner (as several tests do) leaves its routing in place;
+    conftest's undo_job_log_routing removes it before the next test, which the test below checks
+    by comparing against the logging set-up it starts from (CI failed on that once, after the vLLM
+    PPO test ran train_policy in the same worker)."""
+    from dprm_ray.jobs.ray_session import route_library_logs
+
+    route_library_logs(tmp_path / "direct" / "job.log")
+    logging.getLogger("ray").warning("DIRECT")
+    assert "DIRECT" in (tmp_path / "direct" / "job.log").read_text()
+
+
 def test_a_second_job_in_one_process_logs_to_its_own_folder_and_the_first_is_undone(tmp_path):
     from dprm_ray.jobs.ray_session import restore_library_logs, route_library_logs
 
     loggers = [logging.getLogger(), logging.getLogger("ray"), logging.getLogger("ray.data")]
+    assert not any(
+        isinstance(h, logging.FileHandler) and h.baseFilename.endswith("job.log")
+        for h in logging.getLogger().handlers
+    ), "an earlier test's routing was left"
     before = [(list(lg.handlers), lg.level, [h.level for h in lg.handlers]) for lg in loggers]
     try:
         route_library_logs(tmp_path / "a" / "job.log")
