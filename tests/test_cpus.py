@@ -1,14 +1,10 @@
 """Work that runs alone uses every CPU it was given (dprm_ray/cpus.py), and batching by length."""
 
-import json
-import uuid
 
 import pytest
 import torch
-from conftest import run_cli
 
 from dprm_ray.cpus import assigned_cpus, use_assigned_cpus
-from dprm_ray.data import write_rows
 from dprm_ray.models import load_model
 from dprm_ray.reward_models import embed_texts
 
@@ -58,39 +54,5 @@ def test_embedding_in_length_sorted_batches_gives_each_text_its_own_features(spe
         assert torch.allclose(batched[i], alone[0], atol=1e-5), i
 
 
-@pytest.mark.slow
-def test_train_reward_embeds_a_frozen_backbones_features_in_one_task_on_the_workers_cpus(
-    tmp_path, jobs_join_ray_local
-):
-    # Texts no earlier run embedded, so the features task computes them (the cache is per user).
-    tag = uuid.uuid4().hex[:8]
-    rows = []
-    for i in range(40):
-        label = 0 if i % 2 else 5
-        target = [0.9 if k == label else 0.02 for k in range(6)]
-        target = [t / sum(target) for t in target]
-        rows.append(
-            {
-                "prompt": f"q{i} {tag}",
-                "response": f"{'kind helpful' if i % 2 else 'rude harmful'} {i}",
-                "prior": [1 / 6] * 6,
-                "votes": [label] * 3,
-                "posterior": target,
-                "target": target,
-            }
-        )
-    data = tmp_path / "ann.parquet"
-    write_rows(data, rows, "annotations")
-    out = tmp_path / "rm"
-    proc = run_cli(
-        "train-reward",
-        f"data={data}",
-        "backbone.spec=tiny-encoder:1",
-        "scale.num_workers=2",
-        "optim.batch_size=4",
-        "optim.epochs=1",
-        f"output_dir={out}",
-    )
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    assert "features: 40 texts through frozen tiny-encoder:1 on 2 threads" in proc.stdout
-    assert json.loads((out / "metrics.json").read_text())["n"] > 0
+# train-reward's whole-node features task (a frozen backbone on 2 workers, embedded in one task
+# on both CPUs with 2 torch threads under `ray job submit`) is checked in test_job_submit.py.

@@ -19,6 +19,7 @@ import sys
 import tempfile
 import time
 import urllib.request
+import uuid
 from pathlib import Path
 
 import numpy as np
@@ -77,7 +78,7 @@ def stop_head(temp_dir: str) -> int:
             proc.send_signal(signal.SIGTERM)
         except psutil.NoSuchProcess:
             continue
-    _, alive = psutil.wait_procs(procs, timeout=15)
+    _, alive = psutil.wait_procs(procs, timeout=5)  # then SIGKILL: a test's head
     for proc in alive:
         try:
             proc.kill()
@@ -136,7 +137,7 @@ def job(head: dict, verb: str, *args: str, env: dict | None = None, timeout: flo
     )
 
 
-def write_tiny_annotations(path: Path, prompts: int = 16) -> Path:
+def write_tiny_annotations(path: Path, prompts: int = 16, tag: str = "") -> Path:
     rows = []
     for i in range(prompts):
         for label, text in ((0, "kind helpful answer"), (5, "rude harmful reply")):
@@ -145,7 +146,7 @@ def write_tiny_annotations(path: Path, prompts: int = 16) -> Path:
             target /= target.sum()
             rows.append(
                 {
-                    "prompt": f"question number {i}?",
+                    "prompt": f"question number {i}?{tag}",
                     "response": f"{text} {i}",
                     "prior": [1 / 6] * 6,
                     "votes": [label] * 3,
@@ -160,15 +161,19 @@ def write_tiny_annotations(path: Path, prompts: int = 16) -> Path:
 def test_ray_job_submit_train_reward(ray_head, tmp_path):
     runtime_env = readme_runtime_env()
     assert {".git", "outputs"} <= set(runtime_env["excludes"])
-    # 8 prompts: 1 held out, 14 responses to train on, so 2 steps in 2 epochs of batch 8.
-    data = write_tiny_annotations(tmp_path / "ann.parquet", prompts=8)
+    # 8 prompts: 1 held out, 14 responses to train on, so 2 steps in 2 epochs of global batch 8 (4 a worker). A
+    # frozen backbone on 2 workers: its features are embedded first in one task on both of the
+    # head's CPUs, with 2 torch threads although a submitted driver gets OMP_NUM_THREADS=1. The
+    # texts are new (a tag), so the per-user features cache cannot answer for the task.
+    tag = f" {uuid.uuid4().hex[:8]}"
+    data = write_tiny_annotations(tmp_path / "ann.parquet", prompts=8, tag=tag)
     config = tmp_path / "tiny.yaml"
     config.write_text(
         "# dprm-ray train-reward\n"
         f"data: {data}\n"
-        "backbone: {spec: tiny, kind: causal-lm, freeze: false}\n"
-        "optim: {batch_size: 8, epochs: 2, lr: 0.003}\n"
-        "scale: {num_workers: 1}\n"
+        "backbone: {spec: 'tiny-encoder:1'}\n"
+        "optim: {batch_size: 4, epochs: 2, lr: 0.003}\n"
+        "scale: {num_workers: 2}\n"
         "checkpoint_every: 2\n"
         "wandb: {mode: disabled}\n"
     )
@@ -219,6 +224,9 @@ def test_ray_job_submit_train_reward(ray_head, tmp_path):
     assert again.returncode != 0 and "already exists" in again.stdout + again.stderr, again.stderr
     fetched = job(ray_head, "logs", "dprm-train-reward", timeout=120)
     assert "metrics.json" in fetched.stdout, fetched.stdout[-2000:]
+    assert re.search(
+        r"features: \d+ texts through frozen tiny-encoder:1 on 2 threads", fetched.stdout
+    )
 
     # The driver imports the uploaded copy of the repo, and the upload left out the excludes.
     where = job(
