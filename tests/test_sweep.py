@@ -107,52 +107,6 @@ def test_cli_bad_search_exits_2_naming_it(tmp_path):
 
 @pytest.mark.slow
 @pytest.mark.usefixtures("jobs_join_ray_local")
-def test_four_trial_asha_sweep(tmp_path):
-    # Trials run one after the other in grid order (lr varies fastest): a good lr first, so the
-    # hopeless lr=1e-7 trials trail it at the first rung and ASHA stops them.
-    config = tiny_config(
-        tmp_path,
-        "search:\n  targets.eps: {grid: [0.0, 0.2]}\n  optim.lr: {grid: [0.003, 1.0e-7]}\n"
-        "asha: {grace_period: 1, reduction_factor: 2, max_t: 100}\n",
-    )
-    out = tmp_path / "out"
-    start = time.perf_counter()
-    proc = run_cli("sweep", "--config", str(config), f"output_dir={out}")
-    elapsed = time.perf_counter() - start
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    print(f"4-trial ASHA sweep: {elapsed:.1f} s")
-
-    rows = pq.read_table(out / "results.parquet").to_pylist()
-    assert len(rows) == 4
-    assert sorted((r["targets.eps"], r["optim.lr"]) for r in rows) == [
-        (0.0, 1e-7),
-        (0.0, 0.003),
-        (0.2, 1e-7),
-        (0.2, 0.003),
-    ]
-    full = 20 // 5  # evaluations of a trial that runs to the end
-    hopeless = [r for r in rows if r["optim.lr"] == 1e-7]
-    assert all(r["status"] == "stopped" and r["evaluations"] < full for r in hopeless), rows
-    first = next(r for r in rows if r["trial_id"].endswith("_00000"))
-    assert first["status"] == "completed" and first["evaluations"] == full and first["steps"] == 20
-    assert all(r["attempts"] == 1 and r["error"] == "" for r in rows)
-
-    metrics = json.loads((out / "metrics.json").read_text())
-    best = min(rows, key=lambda r: r["w1"])
-    assert metrics["best_trial"] == best["trial_id"] and metrics["best_w1"] == best["w1"]
-    assert metrics["trials"] == 4 and metrics["trials_stopped"] >= 2
-    assert best["optim.lr"] == 0.003
-    assert (out / "metric_vs_eps.png").read_bytes()[:4] == b"\x89PNG"
-    # The best config is a train-reward config with the best trial's values.
-    cfg = load_config(TrainRewardConfig, out / "best_config.yaml")
-    assert (cfg.targets.eps, cfg.optim.lr) == (best["targets.eps"], best["optim.lr"])
-    assert cfg.data == str(tmp_path / "ann.parquet") and cfg.output_dir == str(out / "best")
-    assert f"dprm-ray train-reward --config {out / 'best_config.yaml'}" in proc.stdout
-    assert is_reward_model_dir(Path(best["trial_dir"]) / "model")
-
-
-@pytest.mark.slow
-@pytest.mark.usefixtures("jobs_join_ray_local")
 def test_killed_sweep_resumes_without_rerunning_finished_trials(tmp_path):
     # Three trials, one after the other: killed once the first has finished (and Tune has saved
     # that), the resumed sweep must run the other two and not the first again.
@@ -217,16 +171,19 @@ def test_killed_sweep_resumes_without_rerunning_finished_trials(tmp_path):
 
 @pytest.mark.slow
 @pytest.mark.usefixtures("jobs_join_ray_local")
-def test_multi_worker_trials_run_ray_train_with_deepspeed(tmp_path):
+def test_multi_worker_asha_sweep_with_deepspeed_and_its_best_config(tmp_path):
     # Each trial is a TorchTrainer with 2 DeepSpeed ZeRO-3 workers (gloo) taking 1.8 of the
-    # session cluster's 2 CPUs, so one trial runs at a time; ASHA stops the hopeless one, whose
-    # workers must give their CPUs back for the next trial to start. The session cluster has no
+    # session cluster's 2 CPUs, so one trial runs at a time, in grid order (lr varies fastest): a
+    # good lr first, so the hopeless lr=1e-7 trial trails it at the first rung and ASHA stops it;
+    # its workers must give their CPUs back for the next trial to start. The session cluster has no
     # dashboard, so no state API: Ray Train's own placement-group cleaner cannot tell that a
     # stopped trial's trainer is gone (in CI that API also timed out on a busy machine), and the
     # sweep's own release of the workers is what lets the third trial start.
     config = tiny_config(
         tmp_path,
-        "search:\n  optim.lr: {grid: [0.003, 1.0e-7, 0.003]}\nresources: {workers: 2, cpus: 0.9}\n",
+        "search:\n  targets.eps: {grid: [0.1]}\n  optim.lr: {grid: [0.003, 1.0e-7, 0.003]}\n"
+        "asha: {grace_period: 1, reduction_factor: 2, max_t: 100}\n"
+        "resources: {workers: 2, cpus: 0.9}\n",
         steps=10,
     )
     config.write_text(config.read_text().replace("zero_stage: 0", "zero_stage: 3"))
@@ -238,5 +195,20 @@ def test_multi_worker_trials_run_ray_train_with_deepspeed(tmp_path):
     # Every evaluation of a finished trial reached Tune (at step 5 and at the end, step 10).
     assert [r["evaluations"] for r in rows] == [2, 1, 2]
     assert rows[0]["w1"] == pytest.approx(rows[2]["w1"], abs=1e-6)  # same config, same result
+    assert all(r["attempts"] == 1 and r["error"] == "" for r in rows)
     for r in rows:
         assert (Path(r["trial_dir"]) / "ray").is_dir()  # the trial's Ray Train run
+
+    metrics = json.loads((out / "metrics.json").read_text())
+    best_w1 = min(r["w1"] for r in rows)
+    best = next(r for r in rows if r["trial_id"] == metrics["best_trial"])
+    assert best["w1"] == metrics["best_w1"] == best_w1  # trials 0 and 2 tie: either is the best
+    assert metrics["trials"] == 3 and metrics["trials_stopped"] == 1
+    assert best["optim.lr"] == 0.003
+    assert (out / "metric_vs_eps.png").read_bytes()[:4] == b"\x89PNG"
+    # The best config is a train-reward config with the best trial's values.
+    cfg = load_config(TrainRewardConfig, out / "best_config.yaml")
+    assert (cfg.targets.eps, cfg.optim.lr, cfg.scale.zero_stage) == (0.1, 0.003, 3)
+    assert cfg.data == str(tmp_path / "ann.parquet") and cfg.output_dir == str(out / "best")
+    assert f"dprm-ray train-reward --config {out / 'best_config.yaml'}" in proc.stdout
+    assert is_reward_model_dir(Path(best["trial_dir"]) / "model")
