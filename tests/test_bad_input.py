@@ -23,6 +23,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import psutil
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
@@ -469,13 +470,16 @@ def test_out_of_range_on_the_command_line_exits_2_before_anything(
 
 
 @pytest.mark.slow
-# The job joins the session's Ray cluster, as under `ray job submit`.
-@pytest.mark.usefixtures("jobs_join_ray_local")
 @pytest.mark.parametrize("sig, code", [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
-def test_interrupt_exits_with_its_code_and_one_line(tmp_path, sig, code):
+def test_interrupt_exits_with_its_code_and_one_line(request, tmp_path, sig, code):
     """A running annotate job (Ray started, judges at work) stopped by Ctrl-C or SIGTERM: one
     line, no traceback, the documented exit code, and the parts it finished are still there (a
-    rerun resumes from them: tests/test_annotate_job.py)."""
+    rerun resumes from them: tests/test_annotate_job.py). Ctrl-C stops a job that joined the
+    session's cluster, as under `ray job submit`; SIGTERM one that started its own local
+    cluster, every process of which must be gone after the job (it leaves without Ray's
+    teardown, which can abort after a SIGTERM)."""
+    if sig == signal.SIGINT:
+        request.getfixturevalue("jobs_join_ray_local")
     # Enough rows that the job is still at work when its first part lands (400 rows finished in
     # 30 s on a CI machine, before the signal arrived).
     rows = [{"prompt": f"question {i}?", "response": f"answer {i}"} for i in range(4000)]
@@ -503,9 +507,13 @@ def test_interrupt_exits_with_its_code_and_one_line(tmp_path, sig, code):
         assert proc.poll() is None and time.time() < deadline, proc.communicate()
         time.sleep(0.2)
     assert proc.poll() is None, "the job ended before it could be interrupted"
+    started = psutil.Process(proc.pid).children(recursive=True)  # its local cluster, if any
+    assert (sig == signal.SIGTERM) == any(p.name() == "raylet" for p in started)
     os.kill(proc.pid, sig)
     out, err = proc.communicate(timeout=120)
     assert proc.returncode == code, err[-3000:]
+    _, left = psutil.wait_procs(started, timeout=30)
+    assert not left, [p.name() for p in left]
     assert "Traceback" not in err, err[-3000:]
     assert "stopped by" in err, err[-3000:]
     assert any(parts.glob("part-*.parquet"))
