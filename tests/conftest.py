@@ -41,17 +41,21 @@ def run_cli(
 # Update from the "slowest test files" table `make test` prints.
 LONGEST_FILES = (
     "test_sweep.py",
-    "test_train_policy.py",
-    "test_quickstart.py",
-    "test_autoscaling.py",
-    "test_annotate_job.py",
     "test_learner.py",
+    "test_quickstart.py",
+    "test_train_policy.py",
     "test_serve.py",
+    "test_annotate_job.py",
     "test_train_reward.py",
-    "test_checkpoint_format.py",
+    "test_autoscaling.py",
     "test_job_submit.py",
     "test_distill.py",
+    "test_bad_input.py",
     "test_judge_vllm_server.py",
+    "test_models.py",
+    "test_evaluate.py",
+    "test_rollout.py",
+    "test_checkpoint_format.py",
 )
 
 
