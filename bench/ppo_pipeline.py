@@ -38,6 +38,7 @@ generated tokens/s; colocate samples/s >= TRL's.
 from __future__ import annotations
 
 import argparse
+import gc
 import importlib.util
 import json
 import os
@@ -191,15 +192,21 @@ def trl_layout(prompts_per_step: int, samples_per_prompt: int) -> tuple[int, int
 def trl_run(args, reward: Path, out: Path) -> dict[str, float]:
     """The same work through TRL's RLOOTrainer with HF generate, in this process (see the module
     docstring for what is matched)."""
+    import warnings
+
     import torch
     from datasets import Dataset
     from omegaconf import OmegaConf
     from peft import LoraConfig
     from transformers import TrainerCallback
+
+    # use_vllm=False: TRL's notice that it was not tested with the installed vLLM does not apply.
+    warnings.filterwarnings("ignore", message="TRL currently supports vLLM")
     from trl import RLOOConfig, RLOOTrainer
 
     from dprm_ray.actors.reward import RewardShard
     from dprm_ray.config import load_config
+    from dprm_ray.cpus import assigned_cpus
     from dprm_ray.models import load_model
     from dprm_ray.policy_config import TrainPolicyConfig
     from dprm_ray.ppo_run import load_prompts, step_positions
@@ -299,7 +306,7 @@ def trl_run(args, reward: Path, out: Path) -> dict[str, float]:
 
     trainer._generate_single_turn = timed_generate
     threads = torch.get_num_threads()
-    torch.set_num_threads(os.cpu_count() or 1)  # a one-process baseline on the whole node
+    torch.set_num_threads(assigned_cpus())  # a one-process baseline on the whole node
     try:
         trainer.train()
     finally:
@@ -346,6 +353,7 @@ def main() -> None:
             results["one_process"] = one_process(args, reward)
         elif run == "trl":
             results["trl"] = trl_run(args, reward, work / "trl")
+            gc.collect()  # the trainer (model, optimiser) before the next run
         else:
             results[run] = distributed(args, reward, work / f"ppo-{run}", run)
             import ray
