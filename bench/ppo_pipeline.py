@@ -163,7 +163,7 @@ def one_process(args, reward: Path) -> dict[str, float]:
         tokens.append(sum(len(r["response_ids"]) for r in rollouts))
         samples.append(len(rollouts))
         learner.train(shard.score(rollouts))
-        engine.load_weights(learner.export_weights())
+        engine.load_weights(learner.export_weights(trained_only=True))  # as a sync does
         walls.append(time.perf_counter() - start)
     return {
         "step_s": float(np.mean(walls[1:])),
