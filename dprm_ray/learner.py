@@ -122,16 +122,17 @@ def plain_lm_state_dict(lm: Any, trained_only: bool = False) -> dict[str, torch.
             if isinstance(module, LoraLayer):
                 delta = sum(module.get_delta_weight(a) for a in module.active_adapters)
                 merged[f"{name}.weight"] = module.base_layer.weight.detach() + delta.detach()
-        if trained_only:
-            return _changed_with_fused_parts(base, merged)
     else:
         base = lm
+    sent = _with_fused_parts(merged) if trained_only and merged else None
     copies: dict[tuple[int, tuple[int, ...]], torch.Tensor] = {}
     out: dict[str, torch.Tensor] = {}
     for key, tensor in base.state_dict().items():
         if ".lora_" in key:
             continue
         key = key.replace(".base_layer.", ".")
+        if sent is not None and key not in sent:
+            continue
         if key in merged:
             out[key] = merged[key].clone().cpu()
             continue
@@ -142,21 +143,15 @@ def plain_lm_state_dict(lm: Any, trained_only: bool = False) -> dict[str, torch.
     return out
 
 
-def _changed_with_fused_parts(
-    base: torch.nn.Module, merged: dict[str, torch.Tensor]
-) -> dict[str, torch.Tensor]:
-    """The merged LoRA weights plus the unchanged parts of their fused groups (plain names)."""
-    params = {k.replace(".base_layer.", "."): v for k, v in base.state_dict().items()}
-    out = {key: weight.clone().cpu() for key, weight in merged.items()}
-    for key in merged:
+def _with_fused_parts(keys: Any) -> set[str]:
+    """`keys` (plain weight names) and the other parts of their FUSED_PROJECTIONS groups."""
+    out = set(keys)
+    for key in keys:
         prefix, _, leaf = key.rpartition(".")  # "...self_attn.q_proj", "weight"
         parent, _, proj = prefix.rpartition(".")
         for group in FUSED_PROJECTIONS:
             if proj in group:
-                for part in group:
-                    name = f"{parent}.{part}.{leaf}"
-                    if name not in out and name in params:
-                        out[name] = params[name].detach().clone().cpu()
+                out.update(f"{parent}.{part}.{leaf}" for part in group)
     return out
 
 
