@@ -46,6 +46,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -67,8 +68,12 @@ def reward_model(path: Path, encoder: str) -> Path:
     return path
 
 
-def ppo_overrides(args, reward: Path, out: Path, placement: str = "split") -> list[str]:
-    return [
+def ppo_config(args, reward: Path, out: Path, placement: str = "split") -> Any:
+    """configs/ppo.yaml with the bench's sizes, as every run uses it (an OmegaConf config)."""
+    from dprm_ray.config import load_config
+    from dprm_ray.policy_config import TrainPolicyConfig
+
+    return load_config(TrainPolicyConfig, REPO / "configs" / "ppo.yaml", [
         f"placement={placement}",
         f"learner.model={args.policy}",
         f"rollout.engine={args.engine}",
@@ -81,20 +86,13 @@ def ppo_overrides(args, reward: Path, out: Path, placement: str = "split") -> li
         "resume=false",
         "wandb.mode=disabled",
         f"output_dir={out}",
-    ]
+    ])  # fmt: skip
 
 
 def distributed(args, reward: Path, out: Path, placement: str) -> dict[str, float]:
-    from dprm_ray.config import load_config
     from dprm_ray.jobs.train_policy import train_policy
-    from dprm_ray.policy_config import TrainPolicyConfig
 
-    cfg = load_config(
-        TrainPolicyConfig,
-        REPO / "configs" / "ppo.yaml",
-        ppo_overrides(args, reward, out, placement),
-    )
-    train_policy(cfg)
+    train_policy(ppo_config(args, reward, out, placement))
     steps = [json.loads(x) for x in (out / "steps.jsonl").read_text().splitlines()]
     walls, computes, parts = [], [], {k: [] for k in ("generate", "reward", "train", "sync")}
     # Step i's sync compute is reported by step i+1 (`compute/last_sync`), so the last step
@@ -131,7 +129,6 @@ def one_process(args, reward: Path) -> dict[str, float]:
     from omegaconf import OmegaConf
 
     from dprm_ray.actors.reward import RewardShard
-    from dprm_ray.config import load_config
     from dprm_ray.learner import PPOLearner, configure_deepspeed_env
     from dprm_ray.policy_config import TrainPolicyConfig
     from dprm_ray.ppo_run import (
@@ -142,12 +139,7 @@ def one_process(args, reward: Path) -> dict[str, float]:
     from dprm_ray.rollout import make_engine
 
     configure_deepspeed_env(False)
-    cfg = load_config(
-        TrainPolicyConfig,
-        REPO / "configs" / "ppo.yaml",
-        ppo_overrides(args, reward, Path("unused")),
-    )
-    typed: TrainPolicyConfig = OmegaConf.to_object(cfg)
+    typed: TrainPolicyConfig = OmegaConf.to_object(ppo_config(args, reward, Path("unused")))
     learner = PPOLearner(typed.learner, typed.ppo)  # first: it opens the 1-rank process group
     engine = make_engine(typed.rollout, typed.learner.model, typed.seed)
     shard = RewardShard(str(reward), typed.reward.max_length, typed.reward.batch_size)
@@ -205,18 +197,12 @@ def trl_run(args, reward: Path, out: Path) -> dict[str, float]:
     from trl import RLOOConfig, RLOOTrainer
 
     from dprm_ray.actors.reward import RewardShard
-    from dprm_ray.config import load_config
     from dprm_ray.cpus import assigned_cpus
     from dprm_ray.models import load_model
     from dprm_ray.policy_config import TrainPolicyConfig
     from dprm_ray.ppo_run import load_prompts, step_positions
 
-    cfg = load_config(
-        TrainPolicyConfig,
-        REPO / "configs" / "ppo.yaml",
-        ppo_overrides(args, reward, out),
-    )
-    typed: TrainPolicyConfig = OmegaConf.to_object(cfg)
+    typed: TrainPolicyConfig = OmegaConf.to_object(ppo_config(args, reward, out))
     n_prompts, generations = trl_layout(typed.prompts_per_step, typed.ppo.samples_per_prompt)
     # The dprm-ray prompt sequence (step s takes the next prompts_per_step positions of it);
     # a TRL step takes the next n_prompts positions, in order (shuffle_dataset=False).
