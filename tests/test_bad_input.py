@@ -517,3 +517,53 @@ def test_interrupt_exits_with_its_code_and_one_line(request, tmp_path, sig, code
     assert "Traceback" not in err, err[-3000:]
     assert "stopped by" in err, err[-3000:]
     assert any(parts.glob("part-*.parquet"))
+
+
+HANGING_JOB = """
+import sys, time
+from dataclasses import dataclass
+from dprm_ray.jobs.runner import Command, Job, run_job
+
+@dataclass
+class Config:
+    output_dir: str = {out!r}
+
+def run(cfg):
+    try:
+        print("at work", flush=True)
+        time.sleep(600)
+    finally:
+        time.sleep(600)  # a clean-up that never ends, as a library's shutdown can
+
+sys.exit(run_job(Job("hang", "", (Command("", "", Config, run),)), []))
+"""
+
+
+@pytest.mark.parametrize("presses", [1, 2])
+def test_ctrl_c_leaves_even_when_the_clean_up_hangs(tmp_path, presses):
+    """After Ctrl-C a job whose clean-up hangs leaves after DPRM_RAY_STOP_GRACE_S seconds (one
+    press), or at once (a second press), with exit code 130 and a line that says so. (A CI run
+    had an annotate job still running 120 s after Ctrl-C.)"""
+    grace = 2 if presses == 1 else 600
+    proc = subprocess.Popen(
+        [sys.executable, "-c", HANGING_JOB.format(out=str(tmp_path / "o"))],
+        cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        env={**os.environ, "DPRM_RAY_STOP_GRACE_S": str(grace)},
+    )  # fmt: skip
+    try:
+        assert proc.stdout.readline() == "at work\n"
+        for _ in range(presses):
+            proc.send_signal(signal.SIGINT)
+            time.sleep(0.5)
+        started = time.monotonic()
+        assert proc.wait(timeout=30) == 130
+        assert time.monotonic() - started < 10
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    err = proc.stderr.read()
+    assert "Traceback" not in err, err
+    if presses == 1:
+        assert "dprm-ray hang: stopped by Ctrl-C; its clean-up was still running 2 s later" in err
+    else:
+        assert "dprm-ray hang: stopped by a second Ctrl-C, without clean-up" in err, err

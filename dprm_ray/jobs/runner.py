@@ -4,6 +4,9 @@ A job is a list of commands (its main action and sub-actions such as `data valid
 config dataclass and a `run(cfg) -> metrics` function. Exit codes: 0 done, 1 failed on bad input
 (the message names the file/row or model), 2 bad config or arguments,
 130 stopped by Ctrl-C (SIGINT), 143 stopped by SIGTERM. None of them prints a traceback.
+
+After Ctrl-C a job gets DPRM_RAY_STOP_GRACE_S seconds (default 30) to clean up (Ray Data's
+executor, ray.shutdown()); if it is still running then, or at a second Ctrl-C, it leaves at once.
 """
 
 from __future__ import annotations
@@ -32,6 +35,7 @@ from dprm_ray.jobs.ray_session import VERBOSE_ENV, restore_library_logs
 
 EXIT_OK, EXIT_FAILED, EXIT_CONFIG = 0, 1, 2
 EXIT_SIGINT, EXIT_SIGTERM = 128 + signal.SIGINT, 128 + signal.SIGTERM  # 130, 143: shell convention
+STOP_GRACE_ENV = "DPRM_RAY_STOP_GRACE_S"
 
 
 class Terminated(BaseException):
@@ -47,12 +51,14 @@ def _ray_running() -> bool:
     return ray is not None and ray.is_initialized()
 
 
-def _leave_after_sigterm(code: int) -> None:
+def _leave_now(code: int, why: str = "") -> None:
     """Exit now, without Ray's teardown: after a SIGTERM that Ray's own C++ handler also saw, it
     can abort (SIGABRT: the interpreter's exit always, ray.shutdown() under load, seen in a test
-    at load 15). The processes of a local cluster this driver started are its descendants: they
-    get SIGTERM (the agents under the raylet outlive a driver that merely exits). A cluster the
-    driver joined reaps a dead driver's actors itself. The finished work is on disk already."""
+    at load 15); after a Ctrl-C whose clean-up hung (a test's job was still running 120 s after
+    SIGINT, at load 7, where it usually stops within a second). The processes of a local cluster
+    this driver started are its descendants: they get SIGTERM (the agents under the raylet
+    outlive a driver that merely exits). A cluster the driver joined reaps a dead driver's actors
+    itself. The finished work is on disk already."""
     import psutil
 
     try:
@@ -64,6 +70,8 @@ def _leave_after_sigterm(code: int) -> None:
             proc.terminate()
         except psutil.Error:
             continue
+    if why:
+        print(why, file=sys.stderr)
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(code)
@@ -222,6 +230,25 @@ def run_job(job: Job, argv: Sequence[str] | None = None) -> int:
     # Ray's own driver handler (set by ray.init) exits with SystemExit(15) instead; both end here.
     in_main_thread = threading.current_thread() is threading.main_thread()
     previous_sigterm = signal.signal(signal.SIGTERM, _raise_terminated) if in_main_thread else None
+    stop_timers: list[threading.Timer] = []
+
+    def interrupted(signum: int, frame: Any) -> None:
+        """Ctrl-C: KeyboardInterrupt as usual, and a timer that leaves anyway if the clean-up
+        that follows hangs; a second Ctrl-C does not wait for it."""
+        grace = float(os.environ.get(STOP_GRACE_ENV, "30"))
+        why = (
+            f"{prog}: stopped by Ctrl-C; its clean-up was still running {grace:g} s later, "
+            "so it left without it (finished work is kept)"
+        )
+        if stop_timers:
+            _leave_now(EXIT_SIGINT, f"{prog}: stopped by a second Ctrl-C, without clean-up")
+        timer = threading.Timer(grace, _leave_now, args=(EXIT_SIGINT, why))
+        timer.daemon = True
+        timer.start()
+        stop_timers.append(timer)
+        raise KeyboardInterrupt
+
+    previous_sigint = signal.signal(signal.SIGINT, interrupted) if in_main_thread else None
     try:
         write_text(output_dir / "config.yaml", to_yaml(cfg))
         metrics = command.run(cfg) or {}
@@ -245,12 +272,15 @@ def run_job(job: Job, argv: Sequence[str] | None = None) -> int:
             file=sys.stderr,
         )
         if code == EXIT_SIGTERM and _ray_running():
-            _leave_after_sigterm(code)
+            _leave_now(code)
         _stop_ray()
         return code
     finally:
+        # An armed stop timer stays armed: the process is on its way out, and the interpreter's
+        # exit (non-daemon library threads) can hang too.
         if in_main_thread:
             signal.signal(signal.SIGTERM, previous_sigterm)
+            signal.signal(signal.SIGINT, previous_sigint)
         restore_library_logs()
     metrics = {**metrics, "wall_time_s": round(time.perf_counter() - start, 3)}
     write_text(output_dir / "metrics.json", json.dumps(metrics, indent=2, sort_keys=True) + "\n")
