@@ -6,8 +6,8 @@ in one invocation, one after another (in the --only order, by default interleave
   split        `dprm_ray.jobs.train_policy.train_policy` with placement=split: rollout worker,
                reward shards, DeepSpeed learner as Ray actors, each on the threads of the CPUs it
                asks for, the step's prompts in chunk_size chunks; each actor times its own work
-  colocate     the same with placement=colocate: every actor on all the node's cores (passive
-               OpenMP waits), each rollout worker's share of a step as one batch
+  colocate     the same with placement=colocate: every actor on all the node's cores,
+               each rollout worker's share of a step as one batch
   one process  the same engines called in a plain loop: vLLM generate of the whole batch, reward
                forward, PPO update, weight export and reload
   trl          TRL's RLOOTrainer (the `bench` extra: trl==1.16.0; TRL no longer ships PPO) on the

@@ -331,8 +331,8 @@ class TrainPolicyConfig:
         metadata={
             "help": "split: each role computes on the CPUs/GPUs it asks Ray for (clusters); "
             "colocate (one CPU node): generate, score and train take turns with every core of "
-            "the node: each actor gets the node's core count of torch threads that sleep when "
-            "idle (OMP_WAIT_POLICY=PASSIVE), and each rollout worker samples its share of a "
+            "the node: each actor gets the node's core count of torch threads (which sleep "
+            "shortly after their role's work), and each rollout worker samples its share of a "
             "step as one batch (chunk_size is not used)"
         },
     )
