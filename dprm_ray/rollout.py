@@ -10,8 +10,8 @@ worker, a resumed run) gets the same responses from the same weights.
 Prompts go through the tokenizer's chat template when it has one (`chat_template=true`), and the
 learner trains on exactly these token ids, so the policy is optimised on what it was asked.
 
-Weights arrive as a plain HF state dict (`load_weights`, the CPU object-store path) or, on GPUs,
-over an NCCL group of learner rank 0 and every vLLM worker (`NcclWeightReceiver`).
+Weights arrive as a plain HF state dict (`load_weights`; on the CPU object-store path as numpy
+arrays in Ray's shared memory, `to_shared_arrays`) or, on GPUs, over an NCCL group of learner rank 0 and every vLLM worker (`NcclWeightReceiver`).
 """
 
 from __future__ import annotations
@@ -241,6 +241,40 @@ def make_engine(cfg: RolloutConfig, model: str, seed: int) -> TransformersEngine
         if cfg.engine == "vllm"
         else TransformersEngine(cfg, model, seed)
     )
+
+
+# --------------------------------------------------------------------------- object-store sync
+
+
+def to_shared_arrays(weights: dict[str, torch.Tensor]) -> dict[str, Any]:
+    """The state dict as numpy arrays, for `ray.put`: Ray keeps an array in the node's shared
+    memory and a reader on that node maps it without a copy, where a torch tensor is unpickled
+    into a copy on every `ray.get` (240 MB measured here: 0.27 s a get as tensors, 0.001 s as
+    arrays). A tensor that appears under two names (a tied embedding) becomes one array, stored
+    once; a dtype numpy lacks (bf16) stays a tensor."""
+    arrays: dict[int, Any] = {}
+    out: dict[str, Any] = {}
+    for name, tensor in weights.items():
+        if tensor.dtype == torch.bfloat16:
+            out[name] = tensor
+            continue
+        if id(tensor) not in arrays:
+            arrays[id(tensor)] = tensor.detach().cpu().numpy()
+        out[name] = arrays[id(tensor)]
+    return out
+
+
+def from_shared_arrays(weights: dict[str, Any]) -> dict[str, torch.Tensor]:
+    """Tensors over `to_shared_arrays`' arrays, still without a copy (read-only: the engine
+    copies them into its own parameters)."""
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
+        return {
+            name: value if isinstance(value, torch.Tensor) else torch.from_numpy(value)
+            for name, value in weights.items()
+        }
 
 
 # --------------------------------------------------------------------------- NCCL weight sync

@@ -11,6 +11,7 @@ import torch
 from dprm_ray.learner import lm_logprobs
 from dprm_ray.models import load_model
 from dprm_ray.policy_config import LearnerConfig, PPOConfig
+from dprm_ray.rollout import from_shared_arrays
 from dprm_ray.training import OptimConfig
 
 # DeepSpeed's CPU comm op is JIT-built once into this cache (as the Makefile sets it up).
@@ -113,7 +114,7 @@ def run_learner_checks(tmp_path, num_ranks, zero_stage, steps=4, resume_at=2, **
                 group.save_checkpoint(str(tmp_path / "ckpt"))
             history.append(group.train(batch(tok, step)))
         after = group.sequence_logprobs(probe(tok))
-        weights = ray.get(group.export_weights_ref())
+        weights = from_shared_arrays(ray.get(group.export_weights_ref()))
         group.save_policy(str(tmp_path / "policy"))
     finally:
         group.shutdown()
@@ -140,7 +141,7 @@ def run_learner_checks(tmp_path, num_ranks, zero_stage, steps=4, resume_at=2, **
     try:
         assert group.load_checkpoint(str(tmp_path / "ckpt")) == resume_at
         resumed = [group.train(batch(tok, step)) for step in range(resume_at, steps)]
-        resumed_weights = ray.get(group.export_weights_ref())
+        resumed_weights = from_shared_arrays(ray.get(group.export_weights_ref()))
     finally:
         group.shutdown()
 
@@ -220,7 +221,8 @@ def test_on_policy_ppo_raises_the_reward_of_its_own_samples(ray_local, advantage
     rewards, kls = [], []
     try:
         for step in range(30):
-            sampler.load_state_dict(ray.get(group.export_weights_ref()), strict=True)
+            weights = from_shared_arrays(ray.get(group.export_weights_ref()))
+            sampler.load_state_dict(weights, strict=True)
             responses = sample(sampler, tok, prompts, step)
             rollouts = [
                 {

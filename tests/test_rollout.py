@@ -7,7 +7,13 @@ import pytest
 import torch
 
 from dprm_ray.policy_config import RolloutConfig
-from dprm_ray.rollout import StaleWeightsError, TransformersEngine, item_seed
+from dprm_ray.rollout import (
+    StaleWeightsError,
+    TransformersEngine,
+    from_shared_arrays,
+    item_seed,
+    to_shared_arrays,
+)
 
 
 def tiny_folder(path: Path) -> Path:
@@ -158,3 +164,25 @@ def test_vllm_generates_with_the_learners_weights_after_a_sync(ray_local, tmp_pa
     finally:
         learner.shutdown()
         ray.kill(worker)
+
+
+def test_weights_cross_the_object_store_as_shared_arrays_without_a_copy(ray_local):
+    """What a learner puts for a weight sync: numpy arrays that a reader on the node maps from
+    Ray's shared memory (read-only, no copy), a tied pair stored once, bf16 kept as a tensor."""
+    embed = torch.randn(512, 256)
+    weights = {
+        "embed.weight": embed,
+        "lm_head.weight": embed,
+        "q.weight": torch.randn(256, 256),
+        "norm.weight": torch.randn(256, dtype=torch.bfloat16),
+    }
+    shared = to_shared_arrays(weights)
+    assert shared["embed.weight"] is shared["lm_head.weight"]
+    assert isinstance(shared["norm.weight"], torch.Tensor)
+    got = ray_local.get(ray_local.put(shared))
+    assert not got["q.weight"].flags.writeable  # a view of the store's buffer, not a copy
+    assert got["embed.weight"] is got["lm_head.weight"]
+    tensors = from_shared_arrays(got)
+    assert tensors["q.weight"].data_ptr() == got["q.weight"].ctypes.data  # still no copy
+    for name, tensor in weights.items():
+        assert tensors[name].dtype == tensor.dtype and torch.equal(tensors[name], tensor), name

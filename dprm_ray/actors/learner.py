@@ -73,8 +73,12 @@ class PolicyLearner:
         return metrics
 
     def export_weights(self, trained_only: bool = False) -> dict[str, Any]:
+        """The policy's HF state dict as numpy arrays (what `export_weights_ref` leaves in the
+        object store: a reader on this node maps them without a copy)."""
+        from dprm_ray.rollout import to_shared_arrays
+
         start = time.perf_counter()
-        weights = self.learner.export_weights(trained_only)
+        weights = to_shared_arrays(self.learner.export_weights(trained_only))
         self.export_seconds = time.perf_counter() - start
         return weights
 
@@ -168,7 +172,8 @@ class LearnerGroup:
         return self.call_rank0("train", ref)
 
     def export_weights_ref(self, trained_only: bool = False) -> ray.ObjectRef:
-        """An object ref of the policy's HF state dict (rank 0's answer stays in the store);
+        """An object ref of the policy's HF state dict as numpy arrays (rank 0's answer stays in
+        the store; `dprm_ray.rollout.from_shared_arrays` makes tensors of them without a copy);
         trained_only: with LoRA, only the weights training changes (a rollout worker's update)."""
         refs = [a.export_weights.remote(trained_only) for a in self.actors]
         ray.get(refs[1:])  # the other ranks only help gather (ZeRO-3); wait so none lags behind

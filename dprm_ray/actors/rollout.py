@@ -20,7 +20,7 @@ import ray
 
 from dprm_ray.actors.dispatch import least_loaded, outcome
 from dprm_ray.policy_config import RolloutConfig
-from dprm_ray.rollout import StaleWeightsError, make_engine
+from dprm_ray.rollout import StaleWeightsError, from_shared_arrays, make_engine
 
 
 class RolloutWorker:
@@ -56,9 +56,10 @@ class RolloutWorker:
         return rollouts
 
     def load_weights(self, weights: dict[str, Any], version: int) -> int:
-        """Take a plain HF state dict (resolved by Ray from the learner's object ref)."""
+        """Take a plain HF state dict (resolved by Ray from the learner's object ref: numpy
+        arrays mapped from the node's shared memory, or tensors)."""
         start = time.perf_counter()
-        self.engine.load_weights(weights)
+        self.engine.load_weights(from_shared_arrays(weights))
         self.reload_seconds = time.perf_counter() - start
         self.version = version
         return version
