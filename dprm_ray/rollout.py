@@ -11,7 +11,8 @@ Prompts go through the tokenizer's chat template when it has one (`chat_template
 learner trains on exactly these token ids, so the policy is optimised on what it was asked.
 
 Weights arrive as a plain HF state dict (`load_weights`; on the CPU object-store path as numpy
-arrays in Ray's shared memory, `to_shared_arrays`) or, on GPUs, over an NCCL group of learner rank 0 and every vLLM worker (`NcclWeightReceiver`).
+arrays in Ray's shared memory, `to_shared_arrays`) or, on GPUs, over an NCCL group of learner
+rank 0 and every vLLM worker (`NcclWeightReceiver`).
 """
 
 from __future__ import annotations
