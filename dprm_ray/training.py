@@ -55,6 +55,30 @@ class WandbConfig:
     project: str = "dprm-ray"
 
 
+def configure_deepspeed_env(use_gpu: bool) -> None:
+    """Before DeepSpeed is first imported: the CPU accelerator without GPUs, and one cache for
+    its JIT-built CPU comm op (the Makefile's TORCH_EXTENSIONS_DIR), shared by every trainer."""
+    from dprm_ray.models import cache_dir
+
+    if not use_gpu:
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(cache_dir() / "torch_extensions"))
+
+
+def build_deepspeed_cpu_ops() -> Path:
+    """Build DeepSpeed's CPU comm op into the shared cache (or find it built there); the cache.
+
+    Without this, the first DeepSpeed process on a CPU JIT-builds it (35-70 s on 2 cores) while
+    the other ranks wait on its lock; `make setup` calls this once."""
+    configure_deepspeed_env(use_gpu=False)
+    from deepspeed.comm.torch import build_shm_op
+
+    # The loader TorchBackend itself uses; None only where this DeepSpeed has no such op.
+    if build_shm_op() is None:
+        raise RuntimeError("this DeepSpeed has no CPU comm op to build (ShareMemCommBuilder)")
+    return Path(os.environ["TORCH_EXTENSIONS_DIR"])
+
+
 def ensure_process_group() -> tuple[int, int]:
     """(rank, world): join the existing torch.distributed group or start a one-process one
     (NCCL where CUDA is present and DeepSpeed uses it, else gloo)."""

@@ -1,4 +1,6 @@
 import json
+import os
+from pathlib import Path
 
 import pytest
 import torch
@@ -105,6 +107,21 @@ def test_pull_smollm2_and_chat(tmp_path):
     assert model.config.model_type == "llama" and model.dtype == torch.float32
     reply = chat_generate(model, tok, "What is the capital of France?", max_new_tokens=12)
     assert "Paris" in reply
+
+
+def test_build_ops_finds_the_op_in_the_shared_cache_and_keeps_it(tmp_path):
+    """`models build-ops` (which `make setup` runs) leaves DeepSpeed's CPU comm op in the cache
+    every trainer uses; run again, it loads the built op instead of building it anew."""
+    from dprm_ray.models import cache_dir
+
+    cache = Path(os.environ.get("TORCH_EXTENSIONS_DIR", cache_dir() / "torch_extensions"))
+    built = cache / "deepspeed_shm_comm" / "deepspeed_shm_comm.so"
+    before = built.stat().st_mtime_ns if built.is_file() else None  # built by `make setup`
+    proc = run_cli("models", "build-ops", f"output_dir={tmp_path}")
+    assert proc.returncode == 0, proc.stderr
+    assert f"DeepSpeed CPU comm op: ready in {cache} (" in proc.stdout
+    assert json.loads((tmp_path / "metrics.json").read_text())["torch_extensions_dir"] == str(cache)
+    assert built.is_file() and before in (None, built.stat().st_mtime_ns)
 
 
 @pytest.mark.slow

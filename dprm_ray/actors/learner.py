@@ -30,7 +30,7 @@ def _as_config(schema: type, cfg: Any) -> Any:
 @ray.remote
 class PolicyLearner:
     def __init__(self, rank: int, world: int, cfg: Any, ppo: Any):
-        from dprm_ray.learner import configure_deepspeed_env
+        from dprm_ray.training import configure_deepspeed_env
 
         self.rank, self.world = rank, world
         self.cfg = _as_config(LearnerConfig, cfg)

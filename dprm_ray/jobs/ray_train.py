@@ -25,15 +25,12 @@ def absolute_config(cfg: Any, path_keys: tuple[str, ...]) -> dict:
 
 def _worker_loop(schema: type, worker: Callable[..., dict], config: dict) -> None:
     """Runs on each Ray Train worker: typed config back, train, rank 0 writes the metrics."""
-    import os
-
-    if not config["scale"]["use_gpu"]:
-        os.environ.setdefault("DS_ACCELERATOR", "cpu")  # before DeepSpeed is first imported
     import ray.train
     from omegaconf import OmegaConf
 
-    from dprm_ray.training import write_metrics
+    from dprm_ray.training import configure_deepspeed_env, write_metrics
 
+    configure_deepspeed_env(config["scale"]["use_gpu"])  # before DeepSpeed is first imported
     cfg = OmegaConf.merge(OmegaConf.structured(schema), config)
     metrics = worker(cfg, report=ray.train.report)
     if ray.train.get_context().get_world_rank() == 0:

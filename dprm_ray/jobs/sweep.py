@@ -274,11 +274,12 @@ def _trial(params: dict, base: dict, resources: dict, sweep_dir: str) -> None:
     if resources["workers"] > 1:
         _multi_worker_trial(plain, trial_id)
         return
-    if not plain["scale"]["use_gpu"]:
-        os.environ.setdefault("DS_ACCELERATOR", "cpu")  # before DeepSpeed is first imported
     from omegaconf import OmegaConf
 
     from dprm_ray.reward_training import train_worker
+    from dprm_ray.training import configure_deepspeed_env
+
+    configure_deepspeed_env(plain["scale"]["use_gpu"])  # before DeepSpeed is first imported
 
     cfg = OmegaConf.merge(OmegaConf.structured(TrainRewardConfig), plain)
     metrics = train_worker(cfg, report=tune.report)
