@@ -49,10 +49,13 @@ def annotate_args(tmp_path, inp, *extra):
 
 
 @pytest.mark.slow
-def test_annotate_end_to_end_killed_resumed_and_rerun(tmp_path):
+def test_annotate_end_to_end_killed_resumed_and_rerun(tmp_path, ray_local):
     """The job's one end-to-end test: a run SIGKILLed after 3 of its 20 parts and run again gives
     exactly one row per input row (valid rows in input order, rejects with their reasons, the
-    duplicate once); a third run skips every row and leaves the file as it was."""
+    duplicate once); a third run skips every row and leaves the file as it was.
+
+    The second run's pool holds every CPU of the cluster (2 actors of half its CPUs each).
+    Regression: with read/split tasks in the pipeline, such a pool waited forever."""
     inp = tmp_path / "in.parquet"
     rows = rows_file(inp, 40)  # 20 parts of 2 rows: the kill comes after 3
     args = annotate_args(tmp_path, inp, "pool.batch_size=2", "pool.max_actors=1")
@@ -72,7 +75,13 @@ def test_annotate_end_to_end_killed_resumed_and_rerun(tmp_path):
     proc.wait()
     assert not (tmp_path / "ann.parquet").exists()
 
-    resumed = run_cli(*args)
+    every_cpu = [
+        "pool.batch_size=2",
+        "pool.min_actors=2",
+        "pool.max_actors=2",
+        f"pool.cpus_per_actor={ray_local.cluster_resources()['CPU'] / 2}",
+    ]
+    resumed = run_cli(*annotate_args(tmp_path, inp, *every_cpu), timeout=300)
     assert resumed.returncode == 0, resumed.stderr
     metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
     assert metrics["skipped"] >= 6  # the parts written before the kill were kept
@@ -240,19 +249,3 @@ def test_update_adds_a_new_persona_sets_votes_and_human_votes(tmp_path):
         proc.returncode == 1
         and "human.parquet:1: needs row_key or prompt and response" in proc.stderr
     )
-
-
-def test_a_pool_that_takes_every_cpu_does_not_hang(tmp_path):
-    """Regression: with read/split tasks in the pipeline, a pool holding every CPU waited forever."""
-    inp = tmp_path / "in.parquet"
-    rows_file(inp, 12, planted=False)
-    per_actor = (os.cpu_count() or 2) / 2
-    proc = run_cli(
-        *annotate_args(
-            tmp_path, inp, "pool.min_actors=2", "pool.max_actors=2", "pool.batch_size=2"
-        ),
-        f"pool.cpus_per_actor={per_actor}",
-        timeout=300,
-    )
-    assert proc.returncode == 0, proc.stderr
-    assert "processed 12, rejected 0" in proc.stdout
