@@ -40,21 +40,21 @@ def run_cli(
 # go first and the workers finish together, instead of one starting a 5-minute file near the end.
 # Update from the "slowest test files" table `make test` prints.
 LONGEST_FILES = (
-    "test_sweep.py",
-    "test_learner.py",
     "test_quickstart.py",
     "test_train_policy.py",
+    "test_learner.py",
+    "test_autoscaling.py",
+    "test_sweep.py",
+    "test_train_reward.py",
     "test_serve.py",
     "test_annotate_job.py",
-    "test_train_reward.py",
-    "test_autoscaling.py",
     "test_job_submit.py",
-    "test_distill.py",
     "test_bad_input.py",
-    "test_judge_vllm_server.py",
-    "test_models.py",
     "test_evaluate.py",
+    "test_distill.py",
+    "test_judge_vllm_server.py",
     "test_rollout.py",
+    "test_models.py",
     "test_checkpoint_format.py",
 )
 
@@ -81,7 +81,8 @@ def pytest_runtest_logreport(report):
 
 def pytest_terminal_summary(terminalreporter):
     """Print the slowest test files, the figures LONGEST_FILES is ordered by."""
-    if not _seconds_per_file or not terminalreporter.config.getoption("durations"):
+    # --durations=0 (every test) asks for the table too; only a run without --durations does not.
+    if not _seconds_per_file or terminalreporter.config.getoption("durations") is None:
         return
     terminalreporter.write_sep("=", "slowest test files (set-up + call + tear-down)")
     ranked = sorted(_seconds_per_file.items(), key=lambda kv: -kv[1])
