@@ -2,8 +2,6 @@
 of the rewarded token, a checkpoint resumes bit for bit, exported weights load into a plain HF
 model and reproduce the learner's log-probs."""
 
-import os
-
 import pytest
 import ray
 import torch
@@ -13,11 +11,6 @@ from dprm_ray.models import load_model
 from dprm_ray.policy_config import LearnerConfig, PPOConfig
 from dprm_ray.rollout import from_shared_arrays
 from dprm_ray.training import OptimConfig
-
-# DeepSpeed's CPU comm op is JIT-built once into this cache (as the Makefile sets it up).
-os.environ.setdefault(
-    "TORCH_EXTENSIONS_DIR", os.path.expanduser("~/.cache/dprm-ray/torch_extensions")
-)
 
 N_PROMPTS = 8
 RESPONSE_LEN = 6
